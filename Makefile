@@ -1,0 +1,49 @@
+# ChangeScribe — see README.md. `make setup` once, then `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export QT_QPA_PLATFORM ?= offscreen
+export PYTHONDONTWRITEBYTECODE := 1
+
+APT_PACKAGES := qgis python3-qgis qgis-providers gdal-bin python3-gdal python3-rasterio python3-geopandas \
+	python3-shapely python3-pyproj python3-rtree python3-scipy python3-venv python3-pip xvfb xauth \
+	default-jre-headless zip make
+
+.PHONY: setup apt venv test test-fast demo package bench clean
+
+setup: apt venv ## install everything the project needs (idempotent)
+
+apt:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "apt: installing $$missing"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	else echo "apt: all packages present"; fi
+
+$(VENV)/.stamp: requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+	/usr/bin/python3 -m venv --system-site-packages $(VENV)
+	@# Debian's PROJ data, seen from the venv's pyproj; processing from QGIS's plugins.
+	mkdir -p $(VENV)/share && ln -sfn /usr/share/proj $(VENV)/share/proj
+	echo /usr/share/qgis/python/plugins > $$($(PY) -c 'import sysconfig;print(sysconfig.get_paths()["purelib"])')/qgis-processing.pth
+	$(PY) -m pip install -q -c constraints.txt -r requirements-dev.txt
+	$(PY) -m pip install -q -c constraints.txt --no-deps --no-build-isolation -e .
+	touch $@
+
+venv: $(VENV)/.stamp
+	@$(PY) -c "import qgis.core, rasterio, geopandas, torch, torchvision, safetensors; import changescribe.core; print('env ok: QGIS', qgis.core.Qgis.QGIS_VERSION, '| torch', torch.__version__, '| rasterio', rasterio.__version__)"
+
+test: venv
+	set -o pipefail; $(PY) -m pytest -q tests; rc=$$?; if [ $$rc = 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
+
+demo: venv
+	$(PY) -m changescribe.core.demo
+
+package:
+	$(PY) -m changescribe.core.packaging --out dist 2>/dev/null || /usr/bin/python3 scripts/package.py --out dist
+
+bench: venv
+	$(PY) bench/pipeline.py
+
+clean:
+	rm -rf build dist .pytest_cache

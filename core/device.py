@@ -1,0 +1,33 @@
+"""Choosing and describing the compute device, so users see whether their GPU is actually used."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import ChangeScribeError
+
+
+def resolve_device(choice: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; asking for CUDA without one is an error, not a fallback."""
+    choice = (choice or "auto").lower()
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ChangeScribeError("CUDA was requested but this PyTorch sees no CUDA GPU "
+                                    f"(torch {torch.__version__}); use --device cpu or auto")
+        return torch.device(choice)
+    if choice == "cpu":
+        return torch.device("cpu")
+    raise ChangeScribeError(f"unknown device {choice!r}: use auto, cpu or cuda[:N]")
+
+
+def describe_device(device: torch.device) -> str:
+    """E.g. 'CUDA: NVIDIA H100 80GB HBM3, 79.1 GB' or 'CPU, 2 threads'."""
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(idx)
+        return f"CUDA: {props.name}, {props.total_memory / 1e9:.1f} GB"
+    return f"CPU, {torch.get_num_threads()} threads ({os.cpu_count()} cores)"

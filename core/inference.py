@@ -1,0 +1,136 @@
+"""Run a change model over an aligned pair, tile by tile, into a probability GeoTIFF on disk.
+
+Reading the next batch of windows overlaps with the model working on the current one (GDAL and torch both
+release the GIL), tiles are blended seamlessly (:mod:`.tiling`) and finished rows go to a tiled,
+compressed float32 GeoTIFF, so neither the images nor the probability map are ever held whole.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+
+from .errors import ChangeScribeError
+from .model_api import ChangeModel
+from .raster_pair import AlignedPair
+from .run_control import RunControl
+from .tiling import StripBlender, Tile, iter_batches, tile_grid
+
+log = logging.getLogger(__name__)
+
+PROBABILITY_NODATA = -1.0
+BLOCK = 256
+
+
+@dataclass
+class InferenceStats:
+    tiles: int
+    seconds: float
+    model_seconds: float
+    batch_size: int
+    device: str
+
+    @property
+    def tiles_per_second(self) -> float:
+        return self.tiles / self.seconds if self.seconds else float("nan")
+
+
+def probability_profile(pair: AlignedPair) -> dict:
+    """GeoTIFF profile of the probability map: same grid as the pair, tiled, float32."""
+    return {"driver": "GTiff", "width": pair.width, "height": pair.height, "count": 1, "dtype": "float32",
+            "crs": pair.grid.crs, "transform": pair.grid.transform, "nodata": PROBABILITY_NODATA,
+            "tiled": True, "blockxsize": BLOCK, "blockysize": BLOCK, "compress": "deflate",
+            "predictor": 3, "zlevel": 1, "BIGTIFF": "IF_SAFER"}
+
+
+def _pad_to(arr: np.ndarray, size: int) -> np.ndarray:
+    """Pad (C, h, w) up to (C, size, size) by mirroring, for rasters smaller than a tile."""
+    _, h, w = arr.shape
+    if h == size and w == size:
+        return arr
+    mode = "reflect" if h > 1 and w > 1 and size - h < h and size - w < w else "edge"
+    return np.pad(arr, ((0, 0), (0, size - h), (0, size - w)), mode=mode)
+
+
+def _read_batch(pair: AlignedPair, tiles: list[Tile], size: int):
+    befores, afters, valids = [], [], []
+    for t in tiles:
+        b, a, v = pair.read(t.window)
+        # No-data pixels carry arbitrary values; grey keeps them from looking like change to the model.
+        b[:, ~v] = 127.0
+        a[:, ~v] = 127.0
+        befores.append(_pad_to(b, size))
+        afters.append(_pad_to(a, size))
+        valids.append(v)
+    return np.stack(befores), np.stack(afters), valids
+
+
+def run_model(model: ChangeModel, before: torch.Tensor, after: torch.Tensor) -> np.ndarray:
+    """Probability for a batch, splitting it in halves on CUDA out-of-memory before giving up."""
+    try:
+        with torch.inference_mode():
+            return model.change_probability(before, after).float().cpu().numpy()
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        n = before.shape[0]
+        if n == 1:
+            raise ChangeScribeError("out of GPU memory even at batch size 1: use a smaller tile size "
+                                    "or --device cpu") from None
+        log.warning("out of GPU memory at batch %d; retrying in halves", n)
+        h = n // 2
+        return np.concatenate([run_model(model, before[:h], after[:h]), run_model(model, before[h:], after[h:])])
+
+
+def predict_probability(pair: AlignedPair, model: ChangeModel, out_path: str | Path, tile_size: int | None = None,
+                        overlap: int | None = None, batch_size: int = 8,
+                        control: RunControl | None = None) -> InferenceStats:
+    """Write the blended change-probability map of ``pair`` to ``out_path`` (GeoTIFF)."""
+    control = control or RunControl()
+    tile = int(tile_size or model.input_spec.tile_size)
+    ov = int(tile // 8 if overlap is None else overlap)
+    grid_rows = tile_grid(pair.height, pair.width, tile, ov)
+    n_tiles = sum(len(r) for r in grid_rows)
+    device = model.device
+    started = time.perf_counter()
+    model_time = 0.0
+    done = 0
+    with rasterio.open(out_path, "w", **probability_profile(pair)) as dst:
+        def sink(row: int, values: np.ndarray, valid: np.ndarray) -> None:
+            values = np.where(valid, values, PROBABILITY_NODATA).astype(np.float32)
+            dst.write(values[None], window=rasterio.windows.Window(0, row, pair.width, values.shape[0]))
+
+        blender = StripBlender(pair.height, pair.width, ov, BLOCK, sink)
+        batches = [b for row in grid_rows for b in iter_batches(row, batch_size)]
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="changescribe-read") as reader:
+            pending: Future = reader.submit(_read_batch, pair, batches[0], tile)
+            current_row = -1
+            for i, batch in enumerate(batches):
+                control.check()
+                b_np, a_np, valids = pending.result()
+                if i + 1 < len(batches):
+                    pending = reader.submit(_read_batch, pair, batches[i + 1], tile)
+                t0 = time.perf_counter()
+                before = torch.from_numpy(b_np).to(device, non_blocking=True)
+                after = torch.from_numpy(a_np).to(device, non_blocking=True)
+                prob = run_model(model, before, after)
+                model_time += time.perf_counter() - t0
+                for t, p, v in zip(batch, prob, valids):
+                    if t.row != current_row:
+                        blender.begin_row(t.row, t.height)
+                        current_row = t.row
+                    blender.add(t, p[:t.height, :t.width], v)
+                done += len(batch)
+                control.progress(done / n_tiles, f"tile {done}/{n_tiles}")
+        blender.finish()
+    seconds = time.perf_counter() - started
+    log.info("inference: %d tiles in %.1f s (%.1f tiles/s, model %.0f%% of the time) on %s", n_tiles, seconds,
+             n_tiles / max(seconds, 1e-9), 100 * model_time / max(seconds, 1e-9), device)
+    return InferenceStats(tiles=n_tiles, seconds=seconds, model_seconds=model_time, batch_size=batch_size,
+                          device=str(device))

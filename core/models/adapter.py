@@ -1,0 +1,90 @@
+"""``TorchChangeModel``: any registered nn.Module behind the pipeline's :class:`ChangeModel` interface.
+
+The wrapped module must provide (BIT and Pix4Cap do), all on *normalised* inputs:
+
+* ``encode(before, after) -> features`` - the expensive shared part, run once per batch;
+* ``change_logits(features) -> (B, 2, H, W)``;
+* captioners also: ``caption_memory(features) -> (memory (B, N, D), memory_mask | None)``, a
+  ``decoder`` (:class:`CaptionDecoder`) and ``can_caption = True``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..model_api import ChangeModel, InputSpec, Prediction, check_batch, normalise
+from ..vocabulary import Vocabulary
+
+
+class TorchChangeModel(ChangeModel):
+    """Inference wrapper: normalises raw 0..255 input, runs in eval mode under ``torch.inference_mode``."""
+
+    def __init__(self, module: nn.Module, input_spec: InputSpec, vocabulary: Vocabulary | None = None, *,
+                 name: str = "unnamed", version: str = "0", architecture: str | None = None,
+                 card: dict[str, Any] | None = None) -> None:
+        self.module = module.eval()
+        self.input_spec = input_spec
+        self.vocabulary = vocabulary
+        self.name, self.version = name, version
+        self.architecture = architecture
+        self.card = card or {}
+
+    @property
+    def can_caption(self) -> bool:
+        return bool(getattr(self.module, "can_caption", False)) and self.vocabulary is not None
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.module.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> "TorchChangeModel":
+        self.module.to(device)
+        return self
+
+    def _prepare(self, before: torch.Tensor, after: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_batch(before, after, self.input_spec)
+        dev = self.device
+        b = normalise(before.to(dev, torch.float32), self.input_spec)
+        a = normalise(after.to(dev, torch.float32), self.input_spec)
+        return b, a
+
+    def _probability(self, feats: Any) -> torch.Tensor:
+        return self.module.change_logits(feats).float().softmax(1)[:, 1]
+
+    def _captions(self, feats: Any, beam_size: int, max_length: int | None) -> list[str]:
+        memory, mask = self.module.caption_memory(feats)
+        ids = self.module.decoder.generate(memory, mask, beam_size=beam_size,
+                                           max_len=max_length or self.vocabulary.max_length)
+        return self.vocabulary.decode_batch(ids.cpu())
+
+    def change_probability(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+        self.module.eval()
+        with torch.inference_mode():
+            return self._probability(self.module.encode(*self._prepare(before, after)))
+
+    def caption(self, before: torch.Tensor, after: torch.Tensor, beam_size: int = 1,
+                max_length: int | None = None) -> list[str]:
+        if not self.can_caption:
+            raise NotImplementedError(f"model {self.name!r} does not caption")
+        self.module.eval()
+        with torch.inference_mode():
+            return self._captions(self.module.encode(*self._prepare(before, after)), beam_size, max_length)
+
+    def predict(self, before: torch.Tensor, after: torch.Tensor, with_captions: bool = False,
+                beam_size: int = 1) -> Prediction:
+        """Mask and captions from ONE encoder pass."""
+        self.module.eval()
+        with torch.inference_mode():
+            feats = self.module.encode(*self._prepare(before, after))
+            prob = self._probability(feats)
+            caps = self._captions(feats, beam_size, None) if with_captions and self.can_caption else None
+        return Prediction(probability=prob, captions=caps)
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d["architecture"] = self.architecture
+        return d

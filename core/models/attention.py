@@ -1,0 +1,112 @@
+"""Attention building blocks shared by every model (BIT, Pix4Cap, the caption decoder, later SEN/DFM).
+
+One multi-head attention implementation with keys/values that can be computed separately, so decoders
+can cache them (self-attention K/V grow one token per step; cross-attention K/V of the visual memory
+are computed once per decode). Masks follow PyTorch's convention: ``key_padding_mask`` True = ignore.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KV = tuple[torch.Tensor, torch.Tensor]  # (B, heads, S, dim_head) each
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head (cross-)attention, Eq. 4-6 of Pix4Cap / Vaswani et al.
+
+    ``dim_head`` defaults to ``dim // heads``; BIT uses a wider inner dimension (8 heads x 64 on a 32-d
+    feature), which is why it is a separate argument. ``kv_dim`` lets the context have another width.
+    """
+
+    def __init__(self, dim: int, heads: int = 8, dim_head: int | None = None, dropout: float = 0.0,
+                 kv_dim: int | None = None, bias: bool = True) -> None:
+        super().__init__()
+        if dim_head is None:
+            if dim % heads:
+                raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+            dim_head = dim // heads
+        self.heads, self.dim_head, self.dropout = heads, dim_head, dropout
+        inner = heads * dim_head
+        kv_dim = kv_dim or dim
+        self.to_q = nn.Linear(dim, inner, bias=bias)
+        self.to_k = nn.Linear(kv_dim, inner, bias=bias)
+        self.to_v = nn.Linear(kv_dim, inner, bias=bias)
+        self.to_out = nn.Linear(inner, dim, bias=bias)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.heads, self.dim_head).transpose(1, 2)
+
+    def project_kv(self, context: torch.Tensor) -> KV:
+        """Keys and values of a context (B, S, kv_dim) -> two (B, heads, S, dim_head) tensors."""
+        return self._split(self.to_k(context)), self._split(self.to_v(context))
+
+    def attend(self, query: torch.Tensor, kv: KV, key_padding_mask: torch.Tensor | None = None,
+               causal: bool = False) -> torch.Tensor:
+        """Attention of ``query`` (B, T, dim) over pre-projected ``kv``; returns (B, T, dim)."""
+        q = self._split(self.to_q(query))
+        k, v = kv
+        mask = None
+        if key_padding_mask is not None:
+            mask = (~key_padding_mask.bool())[:, None, None, :]
+        if causal and mask is not None:
+            t, s = q.shape[-2], k.shape[-2]
+            mask = mask & torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+            causal = False
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        b, _, t, _ = out.shape
+        return self.to_out(out.transpose(1, 2).reshape(b, t, self.heads * self.dim_head))
+
+    def forward(self, query: torch.Tensor, context: torch.Tensor | None = None,
+                key_padding_mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        """Self-attention when ``context`` is None, else cross-attention to ``context``."""
+        kv = self.project_kv(query if context is None else context)
+        return self.attend(query, kv, key_padding_mask, causal)
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP (Linear -> activation -> dropout -> Linear)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0, activation: str = "relu") -> None:
+        super().__init__()
+        act = {"relu": nn.ReLU, "gelu": nn.GELU}[activation]
+        self.net = nn.Sequential(nn.Linear(dim, hidden), act(), nn.Dropout(dropout), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def sinusoidal_table(length: int, dim: int) -> torch.Tensor:
+    """The fixed sin/cos position table of Vaswani et al. (length, dim); needs no weights in the file."""
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(pos * div)
+    table[:, 1::2] = torch.cos(pos * div)[:, : dim // 2]
+    return table
+
+
+class LearnedPosition2D(nn.Module):
+    """Learned row + column embeddings for a token grid (as RSICCformer), valid for any grid up to
+    ``max_size`` per side, so the same model runs on 128 px and 512 px tiles."""
+
+    def __init__(self, dim: int, max_size: int = 64) -> None:
+        super().__init__()
+        self.max_size = max_size
+        self.rows = nn.Embedding(max_size, dim)
+        self.cols = nn.Embedding(max_size, dim)
+
+    def forward(self, h: int, w: int) -> torch.Tensor:
+        """(h*w, dim) embeddings in row-major order (matching ``flatten(2)`` of a (B, C, h, w) map)."""
+        if h > self.max_size or w > self.max_size:
+            raise ValueError(f"token grid {h}x{w} exceeds the position table ({self.max_size} per side); "
+                             "use smaller tiles")
+        r = self.rows(torch.arange(h, device=self.rows.weight.device))
+        c = self.cols(torch.arange(w, device=self.cols.weight.device))
+        return (r[:, None, :] + c[None, :, :]).reshape(h * w, -1)

@@ -1,0 +1,35 @@
+"""Processing provider ``changescribe``: the plugin's algorithms for the toolbox, modeler and qgis_process."""
+
+from __future__ import annotations
+
+from qgis.core import QgsProcessingProvider
+from qgis.PyQt.QtGui import QIcon
+
+from ..core.version import VERSION
+from .main import ICON
+
+
+class ChangeScribeProvider(QgsProcessingProvider):
+    def id(self) -> str:
+        return "changescribe"
+
+    def name(self) -> str:
+        return "ChangeScribe"
+
+    def longName(self) -> str:  # noqa: N802
+        return f"ChangeScribe {VERSION}"
+
+    def icon(self) -> QIcon:
+        return QIcon(ICON)
+
+    def versionInfo(self) -> str:  # noqa: N802
+        return VERSION
+
+    def supportedOutputVectorLayerExtensions(self) -> list[str]:  # noqa: N802
+        # Results carry a run table beside the regions layer: only GeoPackage holds both.
+        return ["gpkg"]
+
+    def loadAlgorithms(self) -> None:  # noqa: N802
+        from .detect_changes_algorithm import DetectChangesAlgorithm
+
+        self.addAlgorithm(DetectChangesAlgorithm())

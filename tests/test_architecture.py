@@ -1,0 +1,86 @@
+"""House rules that keep the plugin installable and core/ + training/ usable without QGIS."""
+
+from __future__ import annotations
+
+import ast
+import configparser
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from changescribe.core.version import VERSION
+
+REPO = Path(__file__).resolve().parent.parent
+FORBIDDEN = ("qgis", "PyQt5", "PyQt6", "PySide2", "PySide6", "processing")
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", ["core", "training"])
+def test_core_and_training_never_import_qgis_or_qt(package):
+    offenders = {str(p.relative_to(REPO)): sorted(imported_modules(p) & set(FORBIDDEN))
+                 for p in (REPO / package).rglob("*.py")}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_core_imports_in_a_python_where_qgis_cannot_be_imported():
+    # A real interpreter whose import system refuses qgis/Qt: what the GPU box and CI without QGIS look like.
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            f"        if name.split('.')[0] in {FORBIDDEN!r}: raise ImportError('blocked ' + name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import changescribe.core.pipeline, changescribe.core.cli, changescribe.core.synthetic\n"
+            "import changescribe.core.model_file, changescribe.core.models.registry\n"
+            "import changescribe.training\n"
+            "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+def test_training_is_not_imported_by_core_or_plugin():
+    for package in ("core", "plugin"):
+        for p in (REPO / package).rglob("*.py"):
+            text = p.read_text()
+            assert "training" not in {m for m in imported_modules(p)}, p
+            assert "from ..training" not in text and "from ...training" not in text, p
+
+
+def test_plugin_init_is_import_light():
+    code = ("import sys, importlib\n"
+            "import changescribe\n"
+            "heavy = [m for m in ('torch', 'rasterio', 'geopandas', 'qgis') if m in sys.modules]\n"
+            "print(','.join(heavy))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ""
+
+
+def test_metadata_is_complete_and_versions_agree():
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "metadata.txt")
+    general = cfg["general"]
+    for key in ("name", "description", "about", "version", "qgisMinimumVersion", "author", "email", "repository",
+                "tracker", "tags", "icon", "experimental", "hasProcessingProvider"):
+        assert general.get(key, "").strip(), key
+    assert general["version"] == VERSION
+    assert (REPO / general["icon"]).is_file()
+    assert f'version = "{VERSION}"' in (REPO / "pyproject.toml").read_text()
+
+
+def test_plugin_uses_qt_only_through_qgis_pyqt():
+    for p in (REPO / "plugin").rglob("*.py"):
+        mods = imported_modules(p)
+        assert not mods & {"PyQt5", "PyQt6", "PySide2", "PySide6"}, p

@@ -1,0 +1,1 @@
+"""Bi-temporal datasets returning aligned before/after tensors, a change mask and captions."""
