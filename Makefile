@@ -33,14 +33,22 @@ $(VENV)/.stamp: requirements.txt requirements-dev.txt constraints.txt pyproject.
 venv: $(VENV)/.stamp
 	@$(PY) -c "import qgis.core, rasterio, geopandas, torch, torchvision, safetensors; import changescribe.core; print('env ok: QGIS', qgis.core.Qgis.QGIS_VERSION, '| torch', torch.__version__, '| rasterio', rasterio.__version__)"
 
-test: venv
-	set -o pipefail; $(PY) -m pytest -q tests; rc=$$?; if [ $$rc = 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
+test: venv ## the whole suite, headless
+	@$(PY) -m pytest tests; rc=$$?; if [ $$rc = 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
-demo: venv
-	$(PY) -m changescribe.core.demo
+SAMPLE_BEFORE := resources/sample/sample_before.tif
+SAMPLE_AFTER := resources/sample/sample_after.tif
 
-package:
-	$(PY) -m changescribe.core.packaging --out dist 2>/dev/null || /usr/bin/python3 scripts/package.py --out dist
+demo: venv ## the main job on the sample pair: through the CLI, then through qgis_process
+	@mkdir -p build/demo && rm -f build/demo/*.gpkg
+	@echo "== CLI: changescribe detect"
+	$(VENV)/bin/changescribe detect $(SAMPLE_BEFORE) $(SAMPLE_AFTER) -o build/demo/cli.gpkg --min-area 10
+	@echo "== QGIS processing engine: qgis_process run changescribe:detectchanges"
+	scripts/qgis_process.sh run changescribe:detectchanges -- BEFORE=$(SAMPLE_BEFORE) AFTER=$(SAMPLE_AFTER) \
+		MIN_AREA=10 OUTPUT=$(CURDIR)/build/demo/qgis_process.gpkg
+
+package: ## the zip QGIS's Plugin Manager installs
+	/usr/bin/python3 scripts/package_plugin.py --out dist
 
 bench: venv
 	$(PY) bench/pipeline.py

@@ -22,6 +22,7 @@ from qgis.core import (
 from qgis.PyQt.QtGui import QIcon
 
 from .main import ICON
+from .styling import RegionsPostProcessor
 
 DEVICES = ["auto", "cpu", "cuda"]
 
@@ -121,6 +122,19 @@ class DetectChangesAlgorithm(QgsProcessingAlgorithm):
         except ChangeScribeError as exc:
             raise QgsProcessingException(str(exc)) from None
         feedback.pushInfo(f"{len(result.regions)} change regions; scene caption: {result.scene_caption}")
-        return {self.OUTPUT: f"{result.output}|layername=change_regions",
+        uri = f"{result.output}|layername=change_regions"
+        self._load_styled(context, out, uri, result.scene_caption)
+        return {self.OUTPUT: uri,
                 self.OUTPUT_PROBABILITY: str(result.probability) if result.probability else None,
                 self.CAPTION: result.scene_caption, self.REGION_COUNT: len(result.regions)}
+
+    @staticmethod
+    def _load_styled(context, destination: str, uri: str, scene_caption: str) -> None:
+        """Load the GeoPackage's regions layer (not the whole file) with the shipped style, if QGIS loads results."""
+        if not context.willLoadLayerOnCompletion(destination):
+            return
+        layers = context.layersToLoadOnCompletion()
+        details = layers.pop(destination)
+        details.setPostProcessor(RegionsPostProcessor.create(scene_caption))
+        layers[uri] = details
+        context.setLayersToLoadOnCompletion(layers)

@@ -18,7 +18,7 @@ from changescribe.core.model_file import (ModelFileError, load_model_file, read_
 from changescribe.core.models.adapter import TorchChangeModel
 from changescribe.core.models.backbones import ResNetBackbone
 from changescribe.core.models.caption_decoder import CaptionDecoder
-from changescribe.core.models.pix4cap import pix4cap_loss
+from changescribe.training.losses import pix4cap_loss
 from changescribe.core.models.registry import (UnknownModelError, build_model, count_parameters, get_entry,
                                                list_models)
 from changescribe.core.vocabulary import Vocabulary, tokenize
@@ -56,7 +56,7 @@ def test_pix4cap_tiny_forward_backward(tiny, vocab):
     assert cd.shape == (2, 2, 256, 256)
     assert logits.shape == (2, caps.shape[1] - 1, len(vocab))
     mask = torch.randint(0, 2, (2, 256, 256))
-    loss = pix4cap_loss(cd, mask, logits, caps[:, 1:])
+    loss, _ = pix4cap_loss(cd, mask, logits, caps[:, 1:])
     loss.backward()
     g = module.backbone.conv1.weight.grad
     assert g is not None and g.abs().sum() > 0

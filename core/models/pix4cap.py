@@ -150,7 +150,7 @@ class Pix4CapFeatures:
     """Output of :meth:`Pix4Cap.encode`, shared by the CD head and the caption decoder."""
 
     btf: list[torch.Tensor]
-    memory: torch.Tensor  # (B, N, d_model) visual tokens for the caption decoder
+    last: tuple[torch.Tensor, torch.Tensor]  # last-stage backbone features of both dates (SFA's input)
     size: tuple[int, int]
 
 
@@ -179,14 +179,14 @@ class Pix4Cap(nn.Module):
         feats = self.backbone(torch.cat([before, after], 0))  # siamese: one pass, shared weights
         f1, f2 = [f[:b] for f in feats], [f[b:] for f in feats]
         btf = [m(a, c) for m, a, c in zip(self.btf, f1, f2)]
-        memory = self.sfa(f1[-1], f2[-1], btf[-1])
-        return Pix4CapFeatures(btf, memory, (before.shape[-2], before.shape[-1]))
+        return Pix4CapFeatures(btf, (f1[-1], f2[-1]), (before.shape[-2], before.shape[-1]))
 
     def change_logits(self, feats: Pix4CapFeatures) -> torch.Tensor:
         return self.cd_head(feats.btf, feats.size)
 
     def caption_memory(self, feats: Pix4CapFeatures) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return feats.memory, None
+        """SFA visual tokens (B, N, d_model); computed only when captions are wanted (mask-only runs skip it)."""
+        return self.sfa(feats.last[0], feats.last[1], feats.btf[-1]), None
 
     def forward(self, before: torch.Tensor, after: torch.Tensor,
                 tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -198,7 +198,8 @@ class Pix4Cap(nn.Module):
         feats = self.encode(before, after)
         cap = None
         if tokens is not None:
-            memory, b = feats.memory, feats.memory.shape[0]
+            memory = self.caption_memory(feats)[0]
+            b = memory.shape[0]
             if tokens.shape[0] != b:
                 if tokens.shape[0] % b:
                     raise ValueError(f"{tokens.shape[0]} captions for {b} image pairs")
@@ -206,13 +207,3 @@ class Pix4Cap(nn.Module):
             cap = self.decoder(tokens, memory)
         return self.change_logits(feats), cap
 
-
-def pix4cap_loss(cd_logits: torch.Tensor, mask: torch.Tensor, cap_logits: torch.Tensor,
-                 targets: torch.Tensor, pad_id: int = 0, ignore_index: int = 255) -> torch.Tensor:
-    """Eq. 9: L_det + L_cap, both cross-entropy (means over valid pixels / non-pad tokens).
-
-    ``mask`` (B, H, W) class ids (255 = ignore); ``targets`` (B, T) aligned with ``cap_logits``.
-    """
-    det = F.cross_entropy(cd_logits, mask.long(), ignore_index=ignore_index)
-    cap = F.cross_entropy(cap_logits.reshape(-1, cap_logits.shape[-1]), targets.reshape(-1), ignore_index=pad_id)
-    return det + cap

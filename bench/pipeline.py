@@ -1,0 +1,133 @@
+"""Pipeline throughput against the bare model, and peak memory, for growing rasters.
+
+For each size a synthetic pair is written (cached under build/bench/), then, each in a fresh process so peak
+RSS is per size: (a) the bare model on tiles already in memory, (b) the whole pipeline without captions
+(align → tiles → blend → probability GeoTIFF → polygons → GeoPackage), (c) the same with captions.
+The ratio (b)/(a) is the figure of merit: how much of the model's speed the streaming machinery keeps.
+
+    .venv/bin/python bench/pipeline.py --sizes 1024 4096 10240 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = REPO / "build" / "bench"
+
+
+def ensure_pair(size: int):
+    from changescribe.core.synthetic import write_pair
+
+    folder = CACHE / f"pair_{size}"
+    if not (folder / "p_after.tif").exists():
+        write_pair(folder, "p", size=size, seed=size, change_level=0.5, progress=True)
+    return folder / "p_before.tif", folder / "p_after.tif"
+
+
+def bare_model(size: int, device: str, batch: int, tiles: int) -> dict:
+    import numpy as np
+    import torch
+    from rasterio.windows import Window
+
+    from changescribe.core.model_loading import load_model
+    from changescribe.core.raster_pair import AlignedPair
+
+    before, after = ensure_pair(size)
+    model = load_model("default", device)
+    t = model.input_spec.tile_size
+    with AlignedPair(before, after) as pair:
+        n_side = max(1, min(pair.width // t, int(np.ceil(np.sqrt(tiles)))))
+        wins = [Window(c * t, r * t, t, t) for r in range(n_side) for c in range(n_side)][:tiles]
+        data = [pair.read(w) for w in wins]
+    b = torch.from_numpy(np.stack([d[0] for d in data])).to(device)
+    a = torch.from_numpy(np.stack([d[1] for d in data])).to(device)
+    with torch.inference_mode():
+        model.change_probability(b[:batch], a[:batch])  # warm-up
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(0, len(b), batch):
+            model.change_probability(b[i:i + batch], a[i:i + batch])
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    return {"tiles": len(b), "tiles_per_s": len(b) / dt}
+
+
+def pipeline(size: int, device: str, batch: int, captions: bool) -> dict:
+    from changescribe.core.pipeline import detect_changes
+
+    before, after = ensure_pair(size)
+    out = CACHE / f"out_{size}_{int(captions)}.gpkg"
+    t0 = time.perf_counter()
+    result = detect_changes(before, after, "default", out, batch_size=batch, device=device, captions=captions,
+                            min_area=10.0)
+    dt = time.perf_counter() - t0
+    return {"tiles": result.stats.tiles, "tiles_per_s": result.stats.tiles / dt,
+            "inference_tiles_per_s": result.stats.tiles_per_second, "regions": len(result.regions),
+            "seconds": dt}
+
+
+def child(args: argparse.Namespace) -> None:
+    fn = {"bare": lambda: bare_model(args.size, args.device, args.batch_size, args.tiles),
+          "pipeline": lambda: pipeline(args.size, args.device, args.batch_size, False),
+          "captions": lambda: pipeline(args.size, args.device, args.batch_size, True)}[args.child]
+    res = fn()
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(res))
+
+
+def run_child(kind: str, size: int, args: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--size", str(size), "--device", args.device,
+           "--batch-size", str(args.batch_size), "--tiles", str(args.tiles)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 10240])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--tiles", type=int, default=64, help="tiles for the bare-model measurement")
+    ap.add_argument("--captions", action="store_true", help="also time the run with captions")
+    ap.add_argument("--child", choices=["bare", "pipeline", "captions"], help=argparse.SUPPRESS)
+    ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+    rows = []
+    for size in args.sizes:
+        ensure_pair(size)
+        bare = run_child("bare", size, args)
+        pipe = run_child("pipeline", size, args)
+        row = {"size": size, "tiles": pipe["tiles"], "bare": bare["tiles_per_s"], "pipeline": pipe["tiles_per_s"],
+               "ratio": pipe["tiles_per_s"] / bare["tiles_per_s"], "rss_bare": bare["peak_rss_mb"],
+               "rss_pipeline": pipe["peak_rss_mb"], "seconds": pipe["seconds"], "regions": pipe["regions"]}
+        if args.captions:
+            cap = run_child("captions", size, args)
+            row.update(captions=cap["tiles_per_s"], rss_captions=cap["peak_rss_mb"], seconds_captions=cap["seconds"])
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    print(f"\ndevice {args.device}, batch {args.batch_size}")
+    head = "| pixels | tiles | bare model tiles/s | pipeline tiles/s | ratio | peak RSS pipeline | run time | regions |"
+    print(head + ("" if not args.captions else " with captions tiles/s | peak RSS captions |"))
+    print("|" + "---|" * (head.count("|") - 1 + (2 if args.captions else 0)))
+    for r in rows:
+        line = (f"| {r['size']}² | {r['tiles']} | {r['bare']:.1f} | {r['pipeline']:.1f} | {r['ratio']:.2f} | "
+                f"{r['rss_pipeline']:.0f} MB | {r['seconds']:.0f} s | {r['regions']} |")
+        if args.captions:
+            line += f" {r['captions']:.1f} | {r['rss_captions']:.0f} MB |"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

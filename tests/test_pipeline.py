@@ -1,0 +1,109 @@
+"""The whole job on real GeoTIFFs with the shipped trained model: masks, captions, GeoPackage, QGIS."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.features import rasterize
+
+from changescribe.core.errors import Cancelled
+from changescribe.core.geopackage import RUNS_TABLE, read_run
+from changescribe.core.model_loading import load_model
+from changescribe.core.pipeline import detect_changes
+from changescribe.core.run_control import RunControl
+from changescribe.core.synthetic import write_pair
+
+# Seeds far from the training seeds (0..2999) and validation seeds (1,000,000+).
+TEST_SEEDS = (7_000_001, 7_000_002)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model("default", "cpu")
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return write_pair(tmp_path_factory.mktemp("pair"), "p", size=384, seed=TEST_SEEDS[0], change_level=0.8)
+
+
+def mask_iou(regions, mask_path) -> float:
+    with rasterio.open(mask_path) as src:
+        truth = src.read(1).astype(bool)
+        pred = rasterize([(g, 1) for g in regions.to_crs(src.crs).geometry], out_shape=truth.shape,
+                         transform=src.transform).astype(bool) if len(regions) else np.zeros_like(truth)
+    return float((truth & pred).sum() / max((truth | pred).sum(), 1))
+
+
+def test_default_model_recovers_the_true_change_mask(tmp_path, model, pair):
+    out = tmp_path / "result.gpkg"
+    result = detect_changes(pair.before, pair.after, model, out, threshold=0.5, min_area=2.0)
+    iou = mask_iou(result.regions, pair.mask)
+    print(f"IoU against the generator's mask: {iou:.3f} ({len(result.regions)} regions)")
+    assert iou >= 0.5
+    assert result.output == out and out.exists()
+    assert result.scene_caption and all(isinstance(c, str) and c for c in result.regions["caption"])
+    run = read_run(out)
+    assert run["model"]["name"] == model.name and run["threshold"] == 0.5
+    assert run["scene_caption"] == result.scene_caption
+    assert run["alignment"]["width"] == 384
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "result.gpkg"]
+    assert leftovers == []
+
+
+def test_pair_in_two_crs_aligns_and_still_finds_the_change(tmp_path, model):
+    files = write_pair(tmp_path / "pair", "p", size=384, seed=TEST_SEEDS[1], change_level=0.8,
+                       after_crs="EPSG:3857")
+    result = detect_changes(files.before, files.after, model, tmp_path / "r.gpkg", min_area=2.0)
+    assert result.alignment.after_reprojected
+    assert result.regions.crs.to_epsg() == 32633
+    iou = mask_iou(result.regions, files.mask)
+    print(f"IoU after reprojection: {iou:.3f}")
+    assert iou >= 0.35
+
+
+def test_probability_raster_output(tmp_path, model, pair):
+    prob = tmp_path / "prob.tif"
+    result = detect_changes(pair.before, pair.after, model, None, probability_output=prob, captions=False)
+    assert result.output is None and result.probability == prob
+    with rasterio.open(prob) as src, rasterio.open(pair.before) as b:
+        assert src.crs == b.crs and src.transform == b.transform and src.dtypes[0] == "float32"
+        values = src.read(1)
+    assert 0.0 <= values.min() and values.max() <= 1.0
+    assert (result.regions["caption"] == "").all()
+
+
+def test_cancel_leaves_nothing_behind(tmp_path, model, pair):
+    calls = {"n": 0}
+
+    def cancel_after_first_batch() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 1
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(Cancelled):
+        detect_changes(pair.before, pair.after, model, out / "r.gpkg", batch_size=1, probability_output=out / "p.tif",
+                       control=RunControl(is_cancelled=cancel_after_first_batch))
+    assert list(out.iterdir()) == []
+
+
+def test_result_geopackage_opens_in_qgis(qgis_app, tmp_path, model, pair):
+    from qgis.core import QgsVectorLayer
+
+    out = tmp_path / "result.gpkg"
+    result = detect_changes(pair.before, pair.after, model, out, min_area=2.0)
+    layer = QgsVectorLayer(f"{out}|layername=change_regions", "changes", "ogr")
+    assert layer.isValid()
+    assert layer.featureCount() == len(result.regions)
+    names = layer.fields().names()
+    for field in ("region_id", "area_m2", "mean_prob", "max_prob", "caption", "model_name", "threshold"):
+        assert field in names
+    assert layer.crs().authid() == "EPSG:32633"
+    captions = [f["caption"] for f in layer.getFeatures()]
+    assert captions == list(result.regions["caption"])
+    runs = QgsVectorLayer(f"{out}|layername={RUNS_TABLE}", "runs", "ogr")
+    assert runs.isValid() and runs.featureCount() == 1
+    assert next(runs.getFeatures())["scene_caption"] == result.scene_caption
+    del layer, runs
