@@ -22,7 +22,12 @@ from rasterio.errors import RasterioIOError
 from rasterio.transform import Affine
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
+from pyproj import Transformer
+from rasterio.features import geometry_mask
 from rasterio.windows import Window
+from shapely.geometry import box
+from shapely.geometry.base import BaseGeometry
+from shapely.ops import transform as shapely_transform
 
 from .errors import InputError
 
@@ -203,7 +208,7 @@ class AlignedPair:
 
     def __init__(self, before: str | os.PathLike, after: str | os.PathLike, bands: int = 3,
                  band_indexes: list[int] | None = None, target_gsd: float | None = None,
-                 max_pixels: int = MAX_PIXELS):
+                 max_pixels: int = MAX_PIXELS, area_of_interest: AreaOfInterest | None = None):
         self.before_path, self.after_path = str(before), str(after)
         b = open_raster(before, "before")
         try:
@@ -213,6 +218,9 @@ class AlignedPair:
             raise
         try:
             self.grid, self.report = _plan_grid(b, a, target_gsd)
+            self.aoi = None
+            if area_of_interest is not None:
+                self.grid, self.aoi = _clip_to_aoi(self.grid, area_of_interest, self.report)
             if self.grid.width * self.grid.height > max_pixels:
                 raise InputError(
                     f"the overlap is {self.grid.width}×{self.grid.height} px, over the limit of "
@@ -252,7 +260,11 @@ class AlignedPair:
         """(before, after, valid) for a window of the output grid; valid = both have data."""
         bw, bv = self._before.read(window)
         aw, av = self._after.read(window)
-        return bw, aw, bv & av
+        valid = bv & av
+        if self.aoi is not None:
+            valid &= ~geometry_mask([self.aoi], out_shape=valid.shape,
+                                    transform=rasterio.windows.transform(window, self.grid.transform))
+        return bw, aw, valid
 
     def close(self) -> None:
         self._before.close()
@@ -263,6 +275,43 @@ class AlignedPair:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class AreaOfInterest:
+    """Limit a run to a polygon (or an extent's box) given in ``crs``; pixels outside are no data."""
+
+    geometry: BaseGeometry
+    crs: str
+
+    @classmethod
+    def from_bounds(cls, bounds: tuple[float, float, float, float], crs: str) -> "AreaOfInterest":
+        return cls(box(*bounds), crs)
+
+
+def _clip_to_aoi(grid: Grid, aoi: AreaOfInterest, report: AlignmentReport) -> tuple[Grid, BaseGeometry]:
+    """The grid cut to the AOI's bounding box (on the same lattice) and the AOI in the grid's CRS."""
+    geom = aoi.geometry
+    src = rasterio.crs.CRS.from_user_input(aoi.crs)
+    if src != grid.crs:
+        geom = shapely_transform(Transformer.from_crs(src, grid.crs, always_xy=True).transform, geom)
+    if geom.is_empty or not geom.intersects(box(*grid.bounds)):
+        raise InputError("the area of interest does not overlap the two rasters")
+    t = grid.transform
+    minx, miny, maxx, maxy = geom.bounds
+    c0 = max(0, math.floor((minx - t.c) / t.a))
+    c1 = min(grid.width, math.ceil((maxx - t.c) / t.a))
+    r0 = max(0, math.floor((t.f - maxy) / -t.e))
+    r1 = min(grid.height, math.ceil((t.f - miny) / -t.e))
+    if c1 <= c0 or r1 <= r0:
+        raise InputError("the area of interest is smaller than one pixel")
+    clipped = Grid(grid.crs, t * Affine.translation(c0, r0), c1 - c0, r1 - r0)
+    report.width, report.height = clipped.width, clipped.height
+    unit = _metres_per_unit(grid.crs)
+    report.overlap_area_m2 = min(report.overlap_area_m2, geom.intersection(box(*grid.bounds)).area * unit * unit)
+    report.clipped = True
+    report.notes.append(f"limited to the area of interest: {report.overlap_area_m2 / 1e6:.3f} km²")
+    return clipped, geom
 
 
 def validate_pair(before: str | os.PathLike, after: str | os.PathLike) -> AlignmentReport:

@@ -31,12 +31,17 @@ _STRUCT = ndimage.generate_binary_structure(2, 2)  # 8-connected 3×3
 
 
 def change_mask(prob: np.ndarray, threshold: float, cleanup: int = 1) -> np.ndarray:
-    """Threshold, then open/close with a 3×3 element ``cleanup`` times: removes speckle, fills pinholes."""
+    """Threshold, then open/close with a 3×3 element ``cleanup`` times: removes speckle, fills pinholes.
+
+    The mask is edge-padded first so a region touching the raster border is not eroded by it.
+    """
     mask = prob >= threshold  # nodata (-1) is never change
     if cleanup > 0:
-        mask = ndimage.binary_opening(mask, structure=_STRUCT, iterations=cleanup)
-        mask = ndimage.binary_closing(mask, structure=_STRUCT, iterations=cleanup, border_value=0)
-        mask &= prob >= 0
+        p = cleanup + 1
+        padded = np.pad(mask, p, mode="edge")
+        padded = ndimage.binary_opening(padded, structure=_STRUCT, iterations=cleanup)
+        padded = ndimage.binary_closing(padded, structure=_STRUCT, iterations=cleanup)
+        mask = padded[p:-p, p:-p] & (prob >= 0)
     return mask
 
 

@@ -84,3 +84,19 @@ def test_plugin_uses_qt_only_through_qgis_pyqt():
     for p in (REPO / "plugin").rglob("*.py"):
         mods = imported_modules(p)
         assert not mods & {"PyQt5", "PyQt6", "PySide2", "PySide6"}, p
+
+
+def test_plugin_zip_has_the_plugin_and_nothing_of_development(tmp_path):
+    import zipfile
+
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "package_plugin.py"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (zip_path,) = tmp_path.glob("changescribe-*.zip")
+    names = zipfile.ZipFile(zip_path).namelist()
+    top = {n.split("/")[1] for n in names}
+    assert all(n.startswith("changescribe/") for n in names)
+    assert {"__init__.py", "metadata.txt", "core", "plugin", "resources", "LICENSE"} <= top
+    assert not top & {"tests", "training", "bench", "scripts", ".ci", "runs", "build"}
+    assert "changescribe/resources/models/pix4cap-synthetic.safetensors" in names
+    assert not any("__pycache__" in n for n in names)

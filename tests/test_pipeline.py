@@ -107,3 +107,49 @@ def test_result_geopackage_opens_in_qgis(qgis_app, tmp_path, model, pair):
     assert runs.isValid() and runs.featureCount() == 1
     assert next(runs.getFeatures())["scene_caption"] == result.scene_caption
     del layer, runs
+
+
+def test_area_of_interest_limits_the_run(tmp_path):
+    from shapely.geometry import box
+
+    from changescribe.core.raster_pair import AreaOfInterest
+    from conftest import OracleModel, block_pair, write_geotiff
+
+    before, after, _ = block_pair(300, seed=3)
+    after[:, :, :] = np.where(before > 0, 230, 0)  # everything changed: regions show exactly where we looked
+    b = write_geotiff(tmp_path / "b.tif", before)
+    a = write_geotiff(tmp_path / "a.tif", after)
+    # a square of 50 m × 50 m (100 × 100 px) in the before raster's CRS, in its upper-left part
+    aoi = AreaOfInterest(box(500010.0, 5000000.0 - 60.0, 500060.0, 5000000.0 - 10.0), "EPSG:32633")
+    result = detect_changes(b, a, OracleModel(64), tmp_path / "r.gpkg", area_of_interest=aoi)
+    assert (result.alignment.width, result.alignment.height) == (100, 100)
+    assert len(result.regions) == 1
+    assert result.regions.area_m2.iloc[0] == pytest.approx(2500.0, rel=0.01)
+    assert result.regions.geometry.iloc[0].within(aoi.geometry.buffer(0.01))
+    # the same AOI given in WGS 84 selects the same ground
+    from pyproj import Transformer
+    from shapely.ops import transform
+
+    to_wgs84 = Transformer.from_crs("EPSG:32633", "EPSG:4326", always_xy=True).transform
+    result84 = detect_changes(b, a, OracleModel(64), None,
+                              area_of_interest=AreaOfInterest(transform(to_wgs84, aoi.geometry), "EPSG:4326"))
+    assert result84.regions.area_m2.iloc[0] == pytest.approx(2500.0, rel=0.03)
+
+
+def test_rerun_reuses_the_probability_map(tmp_path):
+    from conftest import OracleModel, block_pair, write_geotiff
+
+    before, after, _ = block_pair(256, seed=5)
+    b = write_geotiff(tmp_path / "b.tif", before)
+    a = write_geotiff(tmp_path / "a.tif", after)
+    cache = tmp_path / "cache.tif"
+    first = detect_changes(b, a, OracleModel(64), tmp_path / "r1.gpkg", threshold=0.5, probability_output=cache)
+    assert first.stats.tiles > 0 and cache.exists()
+    again = detect_changes(b, a, OracleModel(64), tmp_path / "r2.gpkg", threshold=0.9, min_area=20.0,
+                           reuse_probability=cache, probability_output=cache)
+    fresh = detect_changes(b, a, OracleModel(64), tmp_path / "r3.gpkg", threshold=0.9, min_area=20.0)
+    assert again.stats.tiles == 0 and cache.exists()
+    assert list(again.regions.area_m2) == list(fresh.regions.area_m2)
+    with pytest.raises(Exception, match="another grid"):
+        other = write_geotiff(tmp_path / "other.tif", before[:, :200, :200].copy())
+        detect_changes(other, other, OracleModel(64), None, reuse_probability=cache)
