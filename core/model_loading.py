@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from .model_api import ChangeModel
 from .model_file import DEFAULT_MODEL_DIR, find_cards, load_model_file, read_card, resolve_model
+
+if TYPE_CHECKING:  # listing models (the Processing parameters, the UI) must not need torch
+    import torch
+
+    from .model_api import ChangeModel
 
 # The model the plugin, CLI and processing algorithm use unless told otherwise.
 DEFAULT_MODEL = "pix4cap-synthetic"

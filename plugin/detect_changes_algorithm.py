@@ -6,32 +6,48 @@ from __future__ import annotations
 from pathlib import Path
 
 from qgis.core import (
+    QgsCoordinateTransform,
+    QgsFeatureRequest,
+    QgsGeometry,
     QgsProcessing,
     QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingOutputNumber,
     QgsProcessingOutputString,
     QgsProcessingParameterBoolean,
-    QgsProcessingParameterEnum,
+    QgsProcessingParameterDefinition,
+    QgsProcessingParameterExtent,
+    QgsProcessingParameterFileDestination,
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterRasterLayer,
-    QgsProcessingParameterString,
     QgsProcessingParameterVectorDestination,
+    QgsProcessingParameterVectorLayer,
 )
 from qgis.PyQt.QtGui import QIcon
 
 from .main import ICON
+from .processing_support import (
+    add_model_parameters,
+    check_choices,
+    crs_string,
+    device_choice,
+    import_core,
+    model_choice,
+    processing_errors,
+    raster_input,
+    run_control,
+    to_shapely,
+)
 from .styling import RegionsPostProcessor
-
-DEVICES = ["auto", "cpu", "cuda"]
 
 
 class DetectChangesAlgorithm(QgsProcessingAlgorithm):
-    BEFORE, AFTER, MODEL, DEVICE = "BEFORE", "AFTER", "MODEL", "DEVICE"
+    BEFORE, AFTER, MODEL, MODEL_FILE, DEVICE = "BEFORE", "AFTER", "MODEL", "MODEL_FILE", "DEVICE"
     THRESHOLD, MIN_AREA, TILE_SIZE, OVERLAP, BATCH_SIZE = "THRESHOLD", "MIN_AREA", "TILE_SIZE", "OVERLAP", "BATCH_SIZE"
-    CAPTIONS = "CAPTIONS"
-    OUTPUT, OUTPUT_PROBABILITY, CAPTION, REGION_COUNT = "OUTPUT", "OUTPUT_PROBABILITY", "CAPTION", "REGION_COUNT"
+    EXTENT, MASK, CAPTIONS, BEAM_SIZE = "EXTENT", "MASK", "CAPTIONS", "BEAM_SIZE"
+    OUTPUT, OUTPUT_PROBABILITY, REPORT = "OUTPUT", "OUTPUT_PROBABILITY", "REPORT"
+    CAPTION, REGION_COUNT = "CAPTION", "REGION_COUNT"
 
     def name(self) -> str:
         return "detectchanges"
@@ -45,88 +61,182 @@ class DetectChangesAlgorithm(QgsProcessingAlgorithm):
     def groupId(self) -> str:  # noqa: N802
         return "changeanalysis"
 
+    def tags(self) -> list[str]:
+        return ["change", "detection", "caption", "before", "after", "bi-temporal", "remote sensing", "pix4cap"]
+
     def icon(self) -> QIcon:
         return QIcon(ICON)
 
     def shortHelpString(self) -> str:  # noqa: N802
         return ("Compares a BEFORE and an AFTER raster of the same place. The AFTER raster is reprojected and "
-                "resampled onto the BEFORE raster's grid, both are clipped to their common footprint, and a "
-                "change model runs tile by tile (overlapping tiles are blended, so no seams). Pixels whose change "
-                "probability reaches THRESHOLD become polygons; regions smaller than MIN_AREA (m²) are dropped. "
-                "Each region gets its area, mean and maximum change probability and, with a captioning model, a "
-                "sentence saying what changed; the scene caption is returned as CAPTION and stored in the "
-                "GeoPackage. No data in either raster is never reported as change.")
+                "resampled onto the BEFORE raster's grid, both are clipped to their common footprint (and to the "
+                "optional EXTENT and MASK polygons), and a change model runs tile by tile (overlapping tiles are "
+                "blended, so no seams). Pixels whose change probability reaches THRESHOLD become polygons; "
+                "regions smaller than MIN_AREA (m²) are dropped. Each region gets its area, mean and maximum "
+                "change probability and, with a captioning model, a sentence saying what changed; the scene "
+                "caption is returned as CAPTION and stored in the GeoPackage. No data in either raster is never "
+                "reported as change. Optionally writes the change probability raster and a one-file HTML report "
+                "with before / after / change thumbnails and all captions. Nothing is written unless the whole "
+                "run succeeds.")
 
     def createInstance(self) -> "DetectChangesAlgorithm":  # noqa: N802
         return DetectChangesAlgorithm()
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802
-        self.addParameter(QgsProcessingParameterRasterLayer(self.BEFORE, "Before (earlier) raster"))
-        self.addParameter(QgsProcessingParameterRasterLayer(self.AFTER, "After (later) raster"))
-        model = QgsProcessingParameterString(self.MODEL, "Model (name or model card path)", defaultValue="default")
-        model.setHelp("A model name from `changescribe models`, or the path of a model card (.json)")
-        self.addParameter(model)
-        self.addParameter(QgsProcessingParameterEnum(self.DEVICE, "Device", options=DEVICES, defaultValue=0))
-        thr = QgsProcessingParameterNumber(self.THRESHOLD, "Change probability threshold",
-                                           QgsProcessingParameterNumber.Double, 0.5, minValue=0.01, maxValue=0.99)
-        thr.setHelp("Pixels at or above this probability count as change")
-        self.addParameter(thr)
-        self.addParameter(QgsProcessingParameterNumber(self.MIN_AREA, "Minimum region area (m²)",
-                                                       QgsProcessingParameterNumber.Double, 0.0, minValue=0.0))
-        self.addParameter(QgsProcessingParameterNumber(self.TILE_SIZE, "Tile size in pixels (0 = the model's)",
-                                                       QgsProcessingParameterNumber.Integer, 0, minValue=0))
-        self.addParameter(QgsProcessingParameterNumber(self.OVERLAP, "Tile overlap in pixels (-1 = tile/8)",
-                                                       QgsProcessingParameterNumber.Integer, -1, minValue=-1))
-        self.addParameter(QgsProcessingParameterNumber(self.BATCH_SIZE, "Tiles per batch",
-                                                       QgsProcessingParameterNumber.Integer, 8, minValue=1))
-        self.addParameter(QgsProcessingParameterBoolean(self.CAPTIONS, "Caption the scene and each region", True))
-        self.addParameter(QgsProcessingParameterVectorDestination(self.OUTPUT, "Change regions",
-                                                                  QgsProcessing.TypeVectorPolygon))
-        self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT_PROBABILITY, "Change probability",
-                                                                  optional=True, createByDefault=False))
+        def add(param, help_text: str, advanced: bool = False):
+            param.setHelp(help_text)
+            if advanced:
+                param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+            self.addParameter(param)
+
+        add(QgsProcessingParameterRasterLayer(self.BEFORE, "Before (earlier) raster"),
+            "The earlier image. Its CRS and pixel grid are the grid of the whole run and of the change regions. "
+            "Any GDAL raster with a CRS and a north-up geotransform; alpha and no-data pixels are masked.")
+        add(QgsProcessingParameterRasterLayer(self.AFTER, "After (later) raster"),
+            "The later image of the same place; reprojected and resampled onto the before raster's grid if needed.")
+        add_model_parameters(self)
+        add(QgsProcessingParameterNumber(self.THRESHOLD, "Change probability threshold",
+                                         QgsProcessingParameterNumber.Double, 0.5, minValue=0.01, maxValue=0.99),
+            "Pixels whose change probability is at or above this value count as change (0.01–0.99).")
+        add(QgsProcessingParameterNumber(self.MIN_AREA, "Minimum region area (m²)",
+                                         QgsProcessingParameterNumber.Double, 0.0, minValue=0.0),
+            "Change regions smaller than this many square metres are dropped (geodesic in geographic CRSs).")
+        add(QgsProcessingParameterNumber(self.TILE_SIZE, "Tile size in pixels (0 = the model's)",
+                                         QgsProcessingParameterNumber.Integer, 0, minValue=0),
+            "Side of the square tiles the model sees. 0 uses the tile size the model was trained with.")
+        add(QgsProcessingParameterNumber(self.OVERLAP, "Tile overlap in pixels (-1 = tile/8)",
+                                         QgsProcessingParameterNumber.Integer, -1, minValue=-1),
+            "Pixels shared by neighbouring tiles; overlaps are blended so tile seams do not show. -1: an eighth "
+            "of the tile size.")
+        add(QgsProcessingParameterExtent(self.EXTENT, "Limit to extent", optional=True),
+            "Only this rectangle is analysed. An extent without a CRS is taken to be in the before raster's CRS.")
+        add(QgsProcessingParameterVectorLayer(self.MASK, "Limit to polygons (mask layer)",
+                                              [QgsProcessing.TypeVectorPolygon], optional=True),
+            "Only pixels inside the union of this layer's polygons are analysed: its selected features if it has a "
+            "selection, else all of them. Combined with the extent when both are given.")
+        add(QgsProcessingParameterNumber(self.BATCH_SIZE, "Tiles per batch",
+                                         QgsProcessingParameterNumber.Integer, 8, minValue=1),
+            "Tiles the model processes at once; lower it if the GPU runs out of memory.", advanced=True)
+        add(QgsProcessingParameterBoolean(self.CAPTIONS, "Caption the scene and each region", True),
+            "With a captioning model, describe the scene and each region in a sentence. Off: regions only (faster).",
+            advanced=True)
+        add(QgsProcessingParameterNumber(self.BEAM_SIZE, "Caption beam size", QgsProcessingParameterNumber.Integer,
+                                         1, minValue=1, maxValue=10),
+            "Beam search width for the captions: 1 is greedy decoding (fastest); 3 is the papers' setting.",
+            advanced=True)
+        add(QgsProcessingParameterVectorDestination(self.OUTPUT, "Change regions", QgsProcessing.TypeVectorPolygon),
+            "GeoPackage (.gpkg) to write: layer change_regions (region_id, area_m2, mean_prob, max_prob, caption and "
+            "the run's sources, model and threshold) plus the table changescribe_runs with the run's metadata.")
+        add(QgsProcessingParameterRasterDestination(self.OUTPUT_PROBABILITY, "Change probability", optional=True,
+                                                    createByDefault=False),
+            "Optional float32 GeoTIFF of the per-pixel change probability, on the before raster's grid.")
+        add(QgsProcessingParameterFileDestination(self.REPORT, "HTML report", "HTML files (*.html *.htm)",
+                                                  optional=True, createByDefault=False),
+            "Optional single-file HTML report: thumbnails of the before and after images and of the change regions "
+            "over the after image, the scene caption and a table of the regions with their captions.")
         self.addOutput(QgsProcessingOutputString(self.CAPTION, "Scene caption"))
         self.addOutput(QgsProcessingOutputNumber(self.REGION_COUNT, "Number of change regions"))
 
+    def checkParameterValues(self, parameters, context):  # noqa: N802
+        ok, message, normalised = check_choices(self, parameters, context)
+        if not ok:
+            return ok, message
+        return super().checkParameterValues(normalised, context)
+
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        before = self.parameterAsRasterLayer(parameters, self.BEFORE, context)
-        after = self.parameterAsRasterLayer(parameters, self.AFTER, context)
-        if before is None or after is None:
-            raise QgsProcessingException("both a before and an after raster are needed")
+        pipeline, run_control_mod, report_mod = import_core("pipeline", "run_control", "report")
+        before = raster_input(self, parameters, self.BEFORE, context, "before")
+        after = raster_input(self, parameters, self.AFTER, context, "after")
         out = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
         if Path(out).suffix.lower() != ".gpkg":
             raise QgsProcessingException(f"the change regions must be written to a GeoPackage (.gpkg), not {out}")
         prob = self.parameterAsOutputLayer(parameters, self.OUTPUT_PROBABILITY, context) or None
+        if prob and Path(prob).suffix.lower() not in (".tif", ".tiff"):
+            raise QgsProcessingException(f"the change probability must be written to a GeoTIFF (.tif), not {prob}")
+        report = self.parameterAsFileOutput(parameters, self.REPORT, context) or None
+        if report and Path(report).suffix.lower() not in (".html", ".htm"):
+            raise QgsProcessingException(f"the report must be an HTML file (.html), not {report}")
+        area = self.area_of_interest(parameters, context, before, feedback)
         tile = self.parameterAsInt(parameters, self.TILE_SIZE, context) or None
         overlap = self.parameterAsInt(parameters, self.OVERLAP, context)
-        try:
-            from ..core.errors import ChangeScribeError
-            from ..core.pipeline import detect_changes
-            from ..core.run_control import RunControl
-        except ImportError as exc:
-            raise QgsProcessingException(
-                f"ChangeScribe cannot run: {exc}. Install PyTorch, rasterio and geopandas into QGIS's Python "
-                "(see the plugin's README)") from None
-
-        control = RunControl(on_progress=lambda f, m: feedback.setProgress(100.0 * f),
-                             is_cancelled=feedback.isCanceled, on_log=feedback.pushInfo)
-        try:
-            result = detect_changes(
-                before.source(), after.source(), self.parameterAsString(parameters, self.MODEL, context) or "default",
-                out, threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context),
+        control = run_control(feedback, run_control_mod.RunControl)
+        with processing_errors():
+            result = pipeline.detect_changes(
+                before.source(), after.source(), model_choice(self, parameters, context), out,
+                threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context),
                 min_area=self.parameterAsDouble(parameters, self.MIN_AREA, context), tile_size=tile,
                 overlap=None if overlap < 0 else overlap,
                 batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
-                device=DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)],
-                probability_output=prob, captions=self.parameterAsBool(parameters, self.CAPTIONS, context),
-                control=control)
-        except ChangeScribeError as exc:
-            raise QgsProcessingException(str(exc)) from None
+                device=device_choice(self, parameters, context), probability_output=prob,
+                captions=self.parameterAsBool(parameters, self.CAPTIONS, context),
+                beam_size=self.parameterAsInt(parameters, self.BEAM_SIZE, context),
+                area_of_interest=area, control=control)
+            if report:
+                feedback.setProgressText("writing the report")
+                try:
+                    control.check()
+                    report_mod.write_report(report, before.source(), after.source(), result,
+                                            bounds=area.geometry.bounds if area is not None else None)
+                except BaseException as exc:
+                    # All or nothing, like the pipeline itself: a failed report takes this run's outputs with it.
+                    for path in (result.output, result.probability):
+                        if path is not None:
+                            Path(path).unlink(missing_ok=True)
+                    if isinstance(exc, OSError):
+                        raise QgsProcessingException(f"cannot write the report {report}: {exc}") from None
+                    raise
         feedback.pushInfo(f"{len(result.regions)} change regions; scene caption: {result.scene_caption}")
         uri = f"{result.output}|layername=change_regions"
         self._load_styled(context, out, uri, result.scene_caption)
         return {self.OUTPUT: uri,
                 self.OUTPUT_PROBABILITY: str(result.probability) if result.probability else None,
+                self.REPORT: report,
                 self.CAPTION: result.scene_caption, self.REGION_COUNT: len(result.regions)}
+
+    def area_of_interest(self, parameters, context, before, feedback):
+        """EXTENT and MASK as one ``AreaOfInterest`` in the before raster's CRS, or None when neither is set."""
+        crs = before.crs()
+        geometry = None
+        if parameters.get(self.EXTENT) not in (None, ""):
+            extent = self.parameterAsExtent(parameters, self.EXTENT, context)
+            if not extent.isNull():
+                # Transformed (densified) into the before CRS; an extent without a CRS is taken as already in it.
+                geometry = self.parameterAsExtentGeometry(parameters, self.EXTENT, context, crs)
+        mask = self.parameterAsVectorLayer(parameters, self.MASK, context)
+        if mask is not None:
+            mask_geometry = self.mask_geometry(mask, crs, context, feedback)
+            geometry = mask_geometry if geometry is None else geometry.intersection(mask_geometry)
+            if geometry.isEmpty():
+                raise QgsProcessingException("the extent and the mask polygons do not overlap")
+        if geometry is None:
+            return None
+        if geometry.isEmpty():
+            raise QgsProcessingException("the extent is empty")
+        from ..core.raster_pair import AreaOfInterest
+
+        return AreaOfInterest(to_shapely(geometry), crs_string(crs))
+
+    @staticmethod
+    def mask_geometry(layer, crs, context, feedback) -> QgsGeometry:
+        """The union of the layer's selected polygons (all of them without a selection) in ``crs``."""
+        selected = layer.selectedFeatureCount() > 0
+        request = QgsFeatureRequest().setNoAttributes()
+        features = layer.getSelectedFeatures(request) if selected else layer.getFeatures(request)
+        parts = []
+        for feature in features:
+            if feedback.isCanceled():
+                raise QgsProcessingException("cancelled by the user; nothing was written")
+            geom = feature.geometry()
+            if geom is not None and not geom.isNull() and not geom.isEmpty():
+                parts.append(geom.makeValid() if not geom.isGeosValid() else geom)
+        what = "selected features" if selected else "features"
+        if not parts:
+            raise QgsProcessingException(f"the mask layer {layer.name()!r} has no polygon among its {what}")
+        union = QgsGeometry.unaryUnion(parts)
+        if layer.crs().isValid() and crs.isValid() and layer.crs() != crs:
+            union.transform(QgsCoordinateTransform(layer.crs(), crs, context.transformContext()))
+        feedback.pushInfo(f"limited to the union of {len(parts)} {what} of {layer.name()}")
+        return union
 
     @staticmethod
     def _load_styled(context, destination: str, uri: str, scene_caption: str) -> None:

@@ -30,6 +30,12 @@ class ChangeScribeProvider(QgsProcessingProvider):
         return ["gpkg"]
 
     def loadAlgorithms(self) -> None:  # noqa: N802
+        # Only QGIS is imported here: torch and the models load when an algorithm runs, so the toolbox lists
+        # the algorithms even where PyTorch is missing (running one then says how to install it).
+        from .caption_regions_algorithm import CaptionRegionsAlgorithm
         from .detect_changes_algorithm import DetectChangesAlgorithm
 
         self.addAlgorithm(DetectChangesAlgorithm())
+        self.addAlgorithm(CaptionRegionsAlgorithm())
+        # Reserved: "changescribe:exporttrainingdata" belongs to the annotation issue and is registered there.
+        # Do not give that id to anything else.

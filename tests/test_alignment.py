@@ -103,3 +103,21 @@ def test_no_overlap_is_refused(tmp_path):
     a = write_geotiff(tmp_path / "a.tif", img, transform=from_origin(600000.0, 5000000.0, 0.5, 0.5))
     with pytest.raises(InputError, match="do not overlap"):
         AlignedPair(b, a)
+
+
+@pytest.mark.parametrize("driver,ext", [("COG", "tif"), ("VRT", "vrt"), ("JP2OpenJPEG", "jp2"), ("PNG", "png")])
+def test_any_gdal_format_reads_the_same_pixels(tmp_path, driver, ext):
+    from rasterio.shutil import copy as gdal_copy
+
+    if driver not in rasterio.drivers.raster_driver_extensions().values() and driver != "COG":
+        pytest.skip(f"GDAL here has no {driver} driver")
+    img = smooth_image(128, 128)
+    b = write_geotiff(tmp_path / "b.tif", img)
+    other = tmp_path / f"a.{ext}"
+    options = {"QUALITY": 100, "REVERSIBLE": "YES"} if driver == "JP2OpenJPEG" else {}
+    gdal_copy(b, other, driver=driver, **options)  # PNG keeps its georeferencing in an .aux.xml sidecar
+    with AlignedPair(b, other) as pair:
+        assert not pair.report.after_resampled
+        before, after, valid = pair.read(Window(0, 0, 128, 128))
+    assert valid.all()
+    np.testing.assert_array_equal(before, after)

@@ -1,0 +1,194 @@
+"""What ChangeScribe's Processing algorithms share: the model and device parameters, the dependency check,
+progress/cancel wiring, error translation and QGIS → shapely geometry conversion.
+
+Importing this module needs only QGIS and the standard library (the provider loads it at QGIS start-up);
+torch, rasterio and geopandas are imported when an algorithm runs, through :func:`import_core`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from pathlib import Path
+from typing import Iterator
+
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsGeometry,
+    QgsProcessingAlgorithm,
+    QgsProcessingException,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterFile,
+)
+
+MODEL, MODEL_FILE, DEVICE = "MODEL", "MODEL_FILE", "DEVICE"
+DEVICES = ["auto", "cpu", "cuda"]
+
+INSTALL_HELP = (
+    "Install the libraries into the Python that QGIS runs, then restart QGIS (README, 'Installing the plugin'). "
+    "Linux (Debian/Ubuntu QGIS): sudo apt install python3-rasterio python3-geopandas python3-scipy, then "
+    "python3 -m pip install --user torch==2.14.1 torchvision==0.29.1 safetensors tqdm. "
+    "Windows: in the OSGeo4W Shell, python -m pip install torch torchvision safetensors tqdm. "
+    "macOS: /Applications/QGIS.app/Contents/MacOS/bin/python3 -m pip install torch torchvision safetensors tqdm.")
+
+
+def import_core(*modules: str) -> list:
+    """Import ``changescribe.core.<module>`` for each name; a missing library becomes a clear
+    :class:`QgsProcessingException` that says how to install it."""
+    out = []
+    for name in modules:
+        try:
+            out.append(importlib.import_module(f"..core.{name}", __package__))
+        except ImportError as exc:
+            missing = (exc.name or "").split(".")[0] or str(exc)
+            raise QgsProcessingException(
+                f"ChangeScribe cannot run because QGIS's Python cannot import {missing!r} ({exc}). "
+                + INSTALL_HELP) from None
+    return out
+
+
+def model_names() -> list[str]:
+    """Installed model names, the default first; reading the cards needs no torch."""
+    from ..core.model_loading import DEFAULT_MODEL, installed_models
+
+    try:
+        names = [card["name"] for card in installed_models()]
+    except Exception:  # noqa: BLE001 — an unreadable model folder must not break the toolbox
+        names = []
+    # The default is always offered: if it is missing, running says so clearly instead of the list being empty.
+    return [DEFAULT_MODEL] + [n for n in names if n != DEFAULT_MODEL]
+
+
+def add_model_parameters(alg: QgsProcessingAlgorithm) -> None:
+    """MODEL (installed models, by name), MODEL_FILE (a card path that overrides MODEL) and DEVICE."""
+    names = model_names()
+    model = QgsProcessingParameterEnum(MODEL, "Model", options=names, defaultValue=names[0])
+    model.setUsesStaticStrings(True)  # the name, not a position, is stored: stable in models and batch files
+    model.setHelp("An installed ChangeScribe model, by name (the shipped models and those in the folders of "
+                  "CHANGESCRIBE_MODEL_PATH / the plugin settings). `changescribe models` lists them with their "
+                  f"cards. The default is {names[0]}. With qgis_process give the name (MODEL={names[0]}) or the "
+                  "option's number.")
+    alg.addParameter(model)
+    model_file = QgsProcessingParameterFile(
+        MODEL_FILE, "Model file (overrides Model)", behavior=QgsProcessingParameterFile.File, optional=True,
+        fileFilter="ChangeScribe model card (*.json);;ChangeScribe weights (*.safetensors)")
+    model_file.setHelp("A ChangeScribe model file to use instead of the Model list: its JSON card or its "
+                       ".safetensors weights (both must sit side by side). Pickled checkpoints (.pt, .pth, ...) "
+                       "are refused.")
+    alg.addParameter(model_file)
+    device = QgsProcessingParameterEnum(DEVICE, "Device", options=DEVICES, defaultValue="auto")
+    device.setUsesStaticStrings(True)
+    device.setHelp("auto: a CUDA GPU when the installed PyTorch sees one, else the CPU. cuda fails (rather than "
+                   "silently using the CPU) when no GPU is visible.")
+    alg.addParameter(device)
+
+
+def _option(alg: QgsProcessingAlgorithm, parameters: dict, name: str, context):
+    """The option string an enum value names: the string itself, or an index (what 3.22's qgis_process help
+    suggests: 'Number of selected option'). None when the value names no option."""
+    definition = alg.parameterDefinition(name)
+    options = definition.options()
+    value = parameters.get(name)
+    if value is None or value == "":
+        return definition.defaultValue()
+    if isinstance(value, str) and value in options:
+        return value
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        if str(value).strip().isdigit() and 0 <= int(value) < len(options):
+            return options[int(value)]
+        return None
+    # Anything else (a QgsProperty from a data-defined batch cell, ...): let QGIS evaluate it.
+    return alg.parameterAsEnumString(parameters, name, context) or None
+
+
+def check_choices(alg: QgsProcessingAlgorithm, parameters: dict, context) -> tuple[bool, str, dict]:
+    """Check MODEL, MODEL_FILE and DEVICE with messages that say what to do (instead of QGIS's 'Incorrect
+    parameter value for MODEL'); returns the parameters with MODEL and DEVICE as option names, for QGIS's own
+    checks of the rest."""
+    from ..core.errors import ModelError
+    from ..core.model_file import CARD_SUFFIX, PICKLE_SUFFIXES, WEIGHTS_SUFFIX, resolve_model
+
+    normalised = dict(parameters)
+    path = parameters.get(MODEL_FILE)
+    if isinstance(path, str) and path:
+        suffix = Path(path).suffix.lower()
+        if suffix in PICKLE_SUFFIXES:
+            try:
+                resolve_model(path)  # refuses pickles with the explanation of why and what to do
+            except ModelError as exc:
+                return False, str(exc), normalised
+        if suffix not in (CARD_SUFFIX, WEIGHTS_SUFFIX):
+            return False, (f"MODEL_FILE must be a ChangeScribe model card ({CARD_SUFFIX}) or its weights "
+                           f"({WEIGHTS_SUFFIX}): {path}"), normalised
+    model = _option(alg, parameters, MODEL, context)
+    if model is None and path:  # MODEL_FILE overrides MODEL: a stale name there does not matter
+        model = alg.parameterDefinition(MODEL).defaultValue()
+    if model is None:
+        names = alg.parameterDefinition(MODEL).options()
+        return False, (f"no installed model is named {parameters.get(MODEL)!r}; installed: {', '.join(names)}. "
+                       "Give the path of a model card as MODEL_FILE to use another model."), normalised
+    device = _option(alg, parameters, DEVICE, context)
+    if device is None:
+        return False, f"DEVICE must be one of {', '.join(DEVICES)}, not {parameters.get(DEVICE)!r}", normalised
+    normalised[MODEL], normalised[DEVICE] = model, device
+    return True, "", normalised
+
+
+def model_choice(alg: QgsProcessingAlgorithm, parameters: dict, context) -> str:
+    """MODEL_FILE if given, else the MODEL name (what core.model_loading.load_model takes)."""
+    path = alg.parameterAsFile(parameters, MODEL_FILE, context)
+    if path:
+        return path
+    return _option(alg, parameters, MODEL, context) or "default"
+
+
+def device_choice(alg: QgsProcessingAlgorithm, parameters: dict, context) -> str:
+    return _option(alg, parameters, DEVICE, context) or "auto"
+
+
+def raster_input(alg: QgsProcessingAlgorithm, parameters: dict, name: str, context, role: str):
+    """The raster layer of parameter ``name``, or a QgsProcessingException that names the file."""
+    layer = alg.parameterAsRasterLayer(parameters, name, context)
+    if layer is None or not layer.isValid():
+        value = parameters.get(name)
+        what = f"{value!r} is not a raster GDAL can read" if value else "none was given"
+        raise QgsProcessingException(f"the {role} raster cannot be opened: {what}")
+    return layer
+
+
+def run_control(feedback, run_control_cls):
+    """A core RunControl reporting into ``feedback`` and polling its cancel flag."""
+    last = [""]
+
+    def progress(fraction: float, message: str) -> None:
+        feedback.setProgress(100.0 * fraction)
+        if message and message != last[0]:
+            last[0] = message
+            feedback.setProgressText(message)
+
+    return run_control_cls(on_progress=progress, is_cancelled=feedback.isCanceled, on_log=feedback.pushInfo)
+
+
+@contextlib.contextmanager
+def processing_errors() -> Iterator[None]:
+    """ChangeScribe's one-line errors (and a cancel) become QgsProcessingException, without a traceback."""
+    from ..core.errors import Cancelled, ChangeScribeError
+
+    try:
+        yield
+    except Cancelled as exc:
+        raise QgsProcessingException(str(exc) or "cancelled") from None
+    except ChangeScribeError as exc:
+        raise QgsProcessingException(str(exc)) from None
+
+
+def crs_string(crs: QgsCoordinateReferenceSystem) -> str:
+    """What rasterio/pyproj accept: the authority id, or the full WKT for a CRS without one."""
+    return crs.authid() or crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED)
+
+
+def to_shapely(geometry: QgsGeometry):
+    """A QGIS geometry as a shapely geometry (through WKB; no coordinates are changed)."""
+    from shapely import wkb
+
+    return wkb.loads(bytes(geometry.asWkb()))
