@@ -41,7 +41,7 @@ def test_default_model_recovers_the_true_change_mask(tmp_path, model, pair):
     result = detect_changes(pair.before, pair.after, model, out, threshold=0.5, min_area=2.0)
     iou = mask_iou(result.regions, pair.mask)
     print(f"IoU against the generator's mask: {iou:.3f} ({len(result.regions)} regions)")
-    assert iou >= 0.5
+    assert iou >= 0.6
     assert result.output == out and out.exists()
     assert result.scene_caption and all(isinstance(c, str) and c for c in result.regions["caption"])
     run = read_run(out)
@@ -60,7 +60,7 @@ def test_pair_in_two_crs_aligns_and_still_finds_the_change(tmp_path, model):
     assert result.regions.crs.to_epsg() == 32633
     iou = mask_iou(result.regions, files.mask)
     print(f"IoU after reprojection: {iou:.3f}")
-    assert iou >= 0.35
+    assert iou >= 0.5
 
 
 def test_probability_raster_output(tmp_path, model, pair):

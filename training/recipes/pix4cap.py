@@ -55,14 +55,14 @@ def build_vocabulary(cfg: TrainConfig, train_captions: list[list[str]]) -> Vocab
 
 
 def evaluate(model: TorchChangeModel, data: SyntheticChangeDataset, batch_size: int,
-             meteor: bool = False) -> dict[str, float]:
-    """Mask metrics over all pixels and caption metrics (greedy) against all five references."""
+             meteor: bool = False, beam_size: int = 1) -> dict[str, float]:
+    """Mask metrics over all pixels and caption metrics against all five references."""
     scores = MaskScores()
     hyps: list[str] = []
     loader = DataLoader(data, batch_size=batch_size, collate_fn=_collate)
     for batch in loader:
         pred = model.predict(batch["before"].float().to(model.device), batch["after"].float().to(model.device),
-                             with_captions=True)
+                             with_captions=True, beam_size=beam_size)
         scores.update(pred.probability, batch["mask"])
         hyps += pred.captions
     out = scores.compute()
