@@ -18,8 +18,9 @@ from rasterio.features import geometry_mask, shapes
 from rasterio.windows import Window
 from rasterio.windows import from_bounds as window_from_bounds
 from scipy import ndimage
-from shapely.geometry import shape
+from shapely.geometry import GeometryCollection, MultiPolygon, Polygon, shape
 from shapely.ops import unary_union
+from shapely.validation import make_valid
 
 from .run_control import RunControl
 
@@ -83,6 +84,20 @@ def _touches_row(poly, transform, row: int) -> bool:
     return miny - eps <= y <= maxy + eps
 
 
+def valid_polygons(geom) -> list[Polygon]:
+    """OGC-valid polygons of a geometry: 8-connected pixels touch at corners, which GIS tools reject."""
+    if not geom.is_valid:
+        geom = make_valid(geom)
+    parts = getattr(geom, "geoms", [geom])
+    out = []
+    for part in parts:
+        if isinstance(part, Polygon):
+            out.append(part)
+        elif isinstance(part, (MultiPolygon, GeometryCollection)):
+            out += valid_polygons(part)
+    return [p for p in out if not p.is_empty and p.area > 0]
+
+
 def area_m2(geoms: list, crs: rasterio.crs.CRS) -> np.ndarray:
     """Areas in square metres: planar for projected CRSs, geodesic (WGS84) for geographic ones."""
     if crs.is_geographic:
@@ -120,7 +135,7 @@ def change_regions(prob_path: str | Path, threshold: float = 0.5, min_area_m2: f
     pixel = abs(profile["transform"].a)
     if simplify_px > 0:
         geoms = [g.simplify(pixel * simplify_px, preserve_topology=True) for g in geoms]
-    geoms = [g for g in geoms if not g.is_empty and g.area > 0]
+    geoms = [p for g in geoms for p in valid_polygons(g)]
     areas = area_m2(geoms, crs) if geoms else np.zeros(0)
     keep = areas >= min_area_m2
     geoms = [g for g, k in zip(geoms, keep) if k]

@@ -72,3 +72,19 @@ def test_area_of_projected_feet_crs():
 
     ft = CRS.from_epsg(2263)  # NAD83 / New York Long Island (ftUS)
     assert area_m2([box(0, 0, 100, 100)], ft)[0] == pytest.approx(10_000 * 0.3048006 ** 2, rel=1e-4)
+
+
+def test_regions_are_valid_single_polygons_even_for_corner_touching_pixels(tmp_path):
+    prob = np.zeros((60, 60), np.float32)
+    # a checkerboard of 4×4 blocks touching only at corners, and a ring with a hole
+    for r in range(0, 40, 4):
+        for c in range(0, 40, 4):
+            if (r // 4 + c // 4) % 2 == 0:
+                prob[r:r + 4, c:c + 4] = 0.9
+    prob[44:58, 44:58] = 0.9
+    prob[48:54, 48:54] = 0.0
+    regions = change_regions(prob_raster(tmp_path, prob), threshold=0.5, cleanup=0)
+    assert len(regions) > 1
+    assert regions.geometry.is_valid.all()
+    assert (regions.geometry.geom_type == "Polygon").all()
+    assert regions.region_id.is_unique
