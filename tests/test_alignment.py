@@ -121,3 +121,10 @@ def test_any_gdal_format_reads_the_same_pixels(tmp_path, driver, ext):
         before, after, valid = pair.read(Window(0, 0, 128, 128))
     assert valid.all()
     np.testing.assert_array_equal(before, after)
+
+
+def test_huge_overlap_is_refused_with_advice(tmp_path):
+    img = smooth_image(64, 64)
+    b = write_geotiff(tmp_path / "b.tif", img)
+    with pytest.raises(InputError, match="over the limit.*area of interest"):
+        AlignedPair(b, b, max_pixels=1000)
