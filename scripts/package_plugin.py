@@ -11,7 +11,8 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-INCLUDE = ["__init__.py", "__main__.py", "metadata.txt", "LICENSE", "README.md", "core", "plugin", "resources"]
+INCLUDE = ["__init__.py", "__main__.py", "metadata.txt", "LICENSE", "README.md", "requirements.txt", "constraints.txt",
+           "core", "plugin", "resources"]
 EXCLUDE = ["*/__pycache__/*", "*.pyc", "*.tmp.*", ".*"]
 
 

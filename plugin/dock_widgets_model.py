@@ -1,0 +1,226 @@
+"""The dock's model section: model picker with its card, device, threshold, minimum area and "Advanced".
+
+Cards are read with ``core.model_loading.installed_models`` (standard library only), so the list and the card
+show even when PyTorch is missing from QGIS's Python.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+from qgis.gui import QgsCollapsibleGroupBox
+from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QLabel,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .settings import Settings
+
+KEY_METRICS = ("F1", "IoU", "OA", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "S_m*")
+DEVICES = (("auto", "Auto"), ("cpu", "CPU"), ("cuda", "CUDA GPU"))
+
+
+def list_models(extra_dirs: list[str]) -> tuple[list[dict[str, Any]], str | None]:
+    """(cards, error): model folders are user-editable, so a broken one must not break the dock."""
+    try:
+        from ..core.model_loading import installed_models
+
+        return installed_models(extra_dirs), None
+    except Exception as exc:  # noqa: BLE001
+        return [], f"cannot list models: {exc}"
+
+
+def card_html(card: dict[str, Any]) -> str:
+    """What the model detects and captions, at which GSD and tile size, trained on what, how well."""
+    e = html.escape
+    captions = bool(card.get("vocabulary"))
+    inp = card.get("input", {})
+    gsd = inp.get("gsd")
+    rows = [f"<b>{e(card['name'])}</b> v{e(str(card.get('version', '?')))} · {e(card['architecture'])}",
+            ("Finds changed areas and <b>captions</b> them (scene and each region)." if captions
+             else "Finds changed areas (no captions)."),
+            f"Input: {inp.get('bands', '?')} bands, tiles of {inp.get('tile_size', '?')} px, "
+            + (f"trained at {gsd:g} m/px" if gsd else "any GSD")]
+    if card.get("description"):
+        rows.append(e(str(card["description"])))
+    if card.get("training_data"):
+        rows.append(f"Training data: {e(str(card['training_data']))}")
+    rows += [e(line) for line in metric_lines(card.get("metrics") or {})]
+    if card.get("licence"):
+        rows.append(f"Licence: {e(str(card['licence']))}")
+    rows.append(f"<span style='color:gray'>{e(card.get('path', ''))}</span>")
+    return "<br>".join(rows)
+
+
+def card_summary(card: dict[str, Any]) -> str:
+    """One line that stays visible while the full card is folded: what it does, at what GSD, how well."""
+    inp = card.get("input", {})
+    parts = ["change mask + captions" if card.get("vocabulary") else "change mask only"]
+    if inp.get("gsd"):
+        parts.append(f"{inp['gsd']:g} m/px")
+    if inp.get("tile_size"):
+        parts.append(f"{inp['tile_size']} px tiles")
+    metrics = card.get("metrics") or {}
+    best = metrics.get("test") or metrics.get("validation") or metrics
+    shown = [f"{k} {best[k]:.2f}" for k in ("F1", "BLEU-4") if isinstance(best, dict) and
+             isinstance(best.get(k), (int, float))]
+    if shown:
+        parts.append(", ".join(shown))
+    return " · ".join(parts)
+
+
+def metric_lines(metrics: dict[str, Any]) -> list[str]:
+    """Cards hold flat metrics or one dict per split (e.g. validation, test); the test split comes first."""
+    if metrics and all(isinstance(v, dict) for v in metrics.values()):
+        splits = sorted(metrics.items(), key=lambda kv: kv[0] != "test")
+    else:
+        splits = [("", metrics)]
+    lines = []
+    for name, values in splits:
+        shown = [f"{k} {values[k]:.3g}" for k in KEY_METRICS if isinstance(values.get(k), (int, float))]
+        if shown:
+            where = values.get("split") or name
+            lines.append(f"Metrics{f' ({where})' if where else ''}: " + ", ".join(shown))
+    return lines
+
+
+class ModelPanel(QWidget):
+    """Model, device and the numbers that steer a run; reads and writes :class:`Settings`."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.cards: list[dict[str, Any]] = []
+        self.model_combo = QComboBox()
+        self.model_combo.setObjectName("changescribe_model")
+        self.card_label = QLabel()
+        self.card_label.setWordWrap(True)
+        self.card_label.setTextFormat(Qt.TextFormat.RichText)
+        self.card_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.card_summary = QLabel()
+        self.card_summary.setObjectName("changescribe_card_summary")
+        self.card_summary.setWordWrap(True)
+        self.card_box = QgsCollapsibleGroupBox("Model card")
+        self.card_box.setObjectName("changescribe_model_card")
+        self.card_box.setCollapsed(True)  # QgsCollapsibleGroupBox remembers the user's choice from then on
+        QVBoxLayout(self.card_box).addWidget(self.card_label)
+        self.device_combo = QComboBox()
+        self.device_combo.setObjectName("changescribe_device")
+        for key, label in DEVICES:
+            self.device_combo.addItem(label, key)
+        self.threshold_spin = _double(0.01, 0.99, 0.05, 3, "Pixels at or above this change probability are change")
+        self.min_area_spin = _double(0.0, 1e9, 10.0, 1, "Drop change regions smaller than this", " m²")
+        self.probability_check = QCheckBox("Add the change probability raster (hidden)")
+        self.tile_spin = _int(0, 4096, "Tile size in pixels; 0 = the model's", special="model's")
+        self.overlap_spin = _int(-1, 2048, "Overlap between tiles in pixels; -1 = tile/8", special="tile/8")
+        self.batch_spin = _int(1, 256, "Tiles per batch: more is faster on a GPU but needs more memory")
+        self.gsd_check = QCheckBox("Resample to the model's GSD")
+        self.gsd_check.setToolTip("Resample both rasters to the resolution the model was trained at")
+        self.advanced = QgsCollapsibleGroupBox("Advanced")
+        self.advanced.setObjectName("changescribe_advanced")
+        self.advanced.setCollapsed(True)
+        adv = QFormLayout(self.advanced)
+        adv.addRow("Tile size", self.tile_spin)
+        adv.addRow("Overlap", self.overlap_spin)
+        adv.addRow("Batch size", self.batch_spin)
+        adv.addRow(self.gsd_check)
+        form = QFormLayout(self)
+        form.setContentsMargins(0, 0, 0, 0)
+        form.addRow("Model", self.model_combo)
+        form.addRow("", self.card_summary)
+        form.addRow(self.card_box)
+        form.addRow("Device", self.device_combo)
+        form.addRow("Threshold", self.threshold_spin)
+        form.addRow("Minimum area", self.min_area_spin)
+        form.addRow(self.probability_check)
+        form.addRow(self.advanced)
+        self.model_combo.currentIndexChanged.connect(self._show_card)
+
+    def refresh_models(self, extra_dirs: list[str], wanted: str = "") -> str | None:
+        """Re-list the models and keep ``wanted`` (a card path or name) selected; returns an error or None."""
+        wanted = wanted or (self.current_card() or {}).get("path", "")
+        self.cards, error = list_models(extra_dirs)
+        self.model_combo.blockSignals(True)
+        self.model_combo.clear()
+        for card in self.cards:
+            self.model_combo.addItem(f"{card['name']} (v{card.get('version', '?')})", card["path"])
+        index = next((i for i, c in enumerate(self.cards) if wanted in (c["path"], c["name"])), 0)
+        self.model_combo.setCurrentIndex(index if self.cards else -1)
+        self.model_combo.blockSignals(False)
+        self._show_card()
+        return error
+
+    def current_card(self) -> dict[str, Any] | None:
+        i = self.model_combo.currentIndex()
+        return self.cards[i] if 0 <= i < len(self.cards) else None
+
+    def _show_card(self, _index: int = 0) -> None:
+        card = self.current_card()
+        self.card_summary.setText(card_summary(card) if card else "")
+        self.card_label.setText(card_html(card) if card else
+                                "No model found. Put a ChangeScribe model (.safetensors + .json card) in the "
+                                "model folder chosen in Settings.")
+
+    def device(self) -> str:
+        return self.device_combo.currentData() or "auto"
+
+    def set_probe(self, info: dict[str, Any]) -> None:
+        """Label the device choices with what the Python that will run actually has."""
+        devices = info.get("devices") or {}
+        names = {"auto": "Auto", "cpu": "CPU", "cuda": "CUDA GPU"}
+        for i in range(self.device_combo.count()):
+            key = self.device_combo.itemData(i)
+            detail = devices.get(key)
+            if key == "cuda" and not detail and info.get("torch"):
+                detail = "not available in this PyTorch"
+            self.device_combo.setItemText(i, f"{names[key]} — {detail}" if detail else names[key])
+
+    def load(self, s: Settings) -> None:
+        index = self.device_combo.findData(s.get("device"))
+        self.device_combo.setCurrentIndex(max(index, 0))
+        self.threshold_spin.setValue(s.get("threshold"))
+        self.min_area_spin.setValue(s.get("min_area"))
+        self.probability_check.setChecked(s.get("probability_layer"))
+        self.tile_spin.setValue(s.get("tile_size"))
+        self.overlap_spin.setValue(s.get("overlap"))
+        self.batch_spin.setValue(s.get("batch_size"))
+        self.gsd_check.setChecked(s.get("model_gsd"))
+
+    def save(self, s: Settings) -> None:
+        card = self.current_card()
+        if card:
+            s.set("model", card["path"])
+        s.set("device", self.device())
+        s.set("threshold", self.threshold_spin.value())
+        s.set("min_area", self.min_area_spin.value())
+        s.set("probability_layer", self.probability_check.isChecked())
+        s.set("tile_size", self.tile_spin.value())
+        s.set("overlap", self.overlap_spin.value())
+        s.set("batch_size", self.batch_spin.value())
+        s.set("model_gsd", self.gsd_check.isChecked())
+
+
+def _double(lo: float, hi: float, step: float, decimals: int, tip: str, suffix: str = "") -> QDoubleSpinBox:
+    spin = QDoubleSpinBox()
+    spin.setRange(lo, hi)
+    spin.setSingleStep(step)
+    spin.setDecimals(decimals)
+    spin.setSuffix(suffix)
+    spin.setToolTip(tip)
+    return spin
+
+
+def _int(lo: int, hi: int, tip: str, special: str = "") -> QSpinBox:
+    spin = QSpinBox()
+    spin.setRange(lo, hi)
+    spin.setToolTip(tip)
+    if special:
+        spin.setSpecialValueText(special)
+    return spin

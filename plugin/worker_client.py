@@ -1,0 +1,183 @@
+"""Runs :mod:`changescribe.core.worker` in a separate Python and relays its JSON-line events.
+
+Called from a QgsTask's thread, so it blocks and uses ``subprocess`` (a QProcess would need an event loop in
+that thread). Cancelling asks the worker to stop (``cancel`` line, then end of stdin), then terminates, then
+kills it; the worker's temporary folder is ours and is removed whatever happens, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..core.errors import Cancelled, ChangeScribeError
+
+WORKER_MODULE = "changescribe.core.worker"
+# Not resolved: QGIS may load the plugin through a link named changescribe, whose parent is what PYTHONPATH needs.
+PLUGIN_PARENT = str(Path(__file__).absolute().parent.parent.parent)
+
+
+class WorkerError(ChangeScribeError):
+    """The worker reported an error (``kind`` as in :func:`changescribe.core.worker.error_kind`) or died."""
+
+    def __init__(self, message: str, kind: str = "error"):
+        super().__init__(message)
+        self.kind = kind
+
+
+def worker_environment(plugin_parent: str, tmp_dir: str | None = None) -> dict[str, str]:
+    """QGIS's environment minus its Python settings (they are for another Python), plus our package."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    env["PYTHONPATH"] = plugin_parent
+    env["PYTHONIOENCODING"] = "utf-8"
+    env["PYTHONUNBUFFERED"] = "1"
+    if tmp_dir:
+        env.update(TMPDIR=tmp_dir, TEMP=tmp_dir, TMP=tmp_dir)
+    return env
+
+
+def _popen(python: str, args: list[str], env: dict[str, str], cwd: str) -> subprocess.Popen:
+    flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
+    try:
+        return subprocess.Popen([python, "-m", WORKER_MODULE, *args], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                                errors="replace", env=env, cwd=cwd, creationflags=flags)
+    except OSError as exc:
+        raise WorkerError(f"cannot start the worker Python {python}: {exc.strerror or exc}", "dependency") from None
+
+
+def probe_python(python: str, plugin_parent: str = PLUGIN_PARENT, timeout: float = 120.0) -> dict[str, Any]:
+    """The worker's ``--probe`` answer (PyTorch version, CUDA, GPU name, missing modules)."""
+    tmp = tempfile.mkdtemp(prefix="changescribe-probe-")
+    try:
+        proc = _popen(python, ["--probe"], worker_environment(plugin_parent, tmp), tmp)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise WorkerError(f"{python} did not answer within {timeout:.0f} s", "dependency") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for line in out.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "probe":
+            return event
+    tail = (err.strip().splitlines() or ["no output"])[-1]
+    raise WorkerError(f"{python} cannot run ChangeScribe's worker: {tail}", "dependency")
+
+
+def _pump(stream, sink: Callable[[str], None]) -> None:
+    for line in stream:
+        sink(line)
+
+
+def run_worker(python: str, job: dict[str, Any], on_event: Callable[[dict[str, Any]], None],
+               is_cancelled: Callable[[], bool], plugin_parent: str = PLUGIN_PARENT,
+               grace_s: float = 3.0) -> dict[str, Any]:
+    """Run one job to completion; returns the ``result`` event, raises :class:`WorkerError` / ``Cancelled``."""
+    tmp = tempfile.mkdtemp(prefix="changescribe-worker-")
+    lines: queue.Queue[str | None] = queue.Queue()
+    stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
+    try:
+        proc = _popen(python, [], worker_environment(plugin_parent, tmp), tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    cancelled = False
+    final: dict[str, Any] | None = None
+    try:
+        threading.Thread(target=lambda: (_pump(proc.stdout, lines.put), lines.put(None)), daemon=True).start()
+        threading.Thread(target=_pump, args=(proc.stderr, stderr_tail.append), daemon=True).start()
+        proc.stdin.write(json.dumps(job) + "\n")
+        proc.stdin.flush()
+        while True:
+            if is_cancelled() and not cancelled:
+                cancelled = True
+                _stop(proc, grace_s)
+            try:
+                line = lines.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # not ours; the worker only writes JSON, but a crashing interpreter may not
+            if not isinstance(event, dict):
+                continue
+            if event.get("event") in ("result", "error"):
+                final = event
+            else:
+                on_event(event)
+        proc.wait()
+    except BaseException:
+        _stop(proc, grace_s)
+        raise
+    finally:
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            try:
+                stream.close()
+            except (OSError, ValueError):
+                pass
+        shutil.rmtree(tmp, ignore_errors=True)
+        if cancelled or (final is None or final.get("event") != "result"):
+            _remove_partial_outputs(job)
+    if cancelled or (final is not None and final.get("kind") == "cancelled"):
+        raise Cancelled("cancelled by the user; nothing was written")
+    if final is None:
+        tail = next((s.strip() for s in reversed(stderr_tail) if s.strip()), "no message")
+        raise WorkerError(f"the worker stopped (exit code {proc.returncode}) without a result: {tail}", "internal")
+    if final["event"] == "error":
+        raise WorkerError(final.get("message") or "the worker failed", final.get("kind") or "error")
+    return final
+
+
+def _stop(proc: subprocess.Popen, grace_s: float) -> None:
+    """Ask, then terminate (SIGTERM also cancels in the worker), then kill."""
+    if proc.poll() is not None:
+        return
+    try:
+        proc.stdin.write("cancel\n")
+        proc.stdin.flush()
+        proc.stdin.close()
+    except (OSError, ValueError):
+        pass
+    for action in (None, proc.terminate, proc.kill):
+        if action is not None:
+            action()
+        deadline = time.monotonic() + grace_s
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if proc.poll() is not None:
+            return
+
+
+def _remove_partial_outputs(job: dict[str, Any]) -> None:
+    """After a hard kill, core's atomic writers may leave their hidden temporary files; remove exactly those."""
+    for key, suffix in (("output", ".tmp.gpkg"), ("probability_output", ".tmp.tif")):
+        target = job.get(key)
+        if not target:
+            continue
+        target = Path(target)
+        if not target.parent.is_dir():
+            continue
+        for leftover in target.parent.glob(f".{target.stem}.*{suffix}*"):
+            try:
+                leftover.unlink()
+            except OSError:
+                pass

@@ -1,0 +1,186 @@
+"""The dock in a real QGIS desktop under Xvfb: runs, re-runs from the cache, cancels, and the no-torch path.
+
+Each test starts ``qgis --code tests/qgis_scripts/dock_*.py`` with an isolated profile; the script drives the
+dock with widget calls, writes a JSON report and exits QGIS. Set CHANGESCRIBE_UPDATE_SCREENSHOTS=1 to copy the
+screenshots the run takes into docs/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_SITE = sysconfig.get_paths()["purelib"]  # the venv running pytest: torch lives here
+SCREEN = "-screen 0 1600x1000x24"
+
+pytestmark = pytest.mark.skipif(shutil.which("qgis") is None or shutil.which("xvfb-run") is None,
+                                reason="needs the QGIS desktop and xvfb-run (make setup installs both)")
+
+
+def run_qgis(tmp_path: Path, script: str, with_torch: bool, extra_env: dict | None = None,
+             timeout: int = 800) -> dict:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir(exist_ok=True)
+    link = plugins / "changescribe"
+    if not link.exists():
+        link.symlink_to(REPO, target_is_directory=True)
+    work = tmp_path / "work"
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    work.mkdir(exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("QT_QPA_PLATFORM", "PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(QGIS_PLUGINPATH=str(plugins), CHANGESCRIBE_TEST_REPORT=str(tmp_path / "report.json"),
+               CHANGESCRIBE_TEST_WORK=str(work), CHANGESCRIBE_TEST_REPO=str(REPO), TMPDIR=str(tmp_path / "tmp"),
+               XDG_RUNTIME_DIR=str(tmp_path / "xdg"), PROJ_DATA="/usr/share/proj")
+    # Without the venv's site-packages QGIS's Python is Debian's python3: no torch, like many user installs.
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if not p.startswith(sys.prefix))
+    if with_torch:
+        env["PYTHONPATH"] = VENV_SITE
+    env.update(extra_env or {})
+    proc = subprocess.run(["xvfb-run", "-a", "-s", SCREEN, "qgis", "--nologo", "--noversioncheck", "--noplugins",
+                           "--profiles-path", str(tmp_path / "profiles"),
+                           "--code", str(REPO / "tests" / "qgis_scripts" / script)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    report_path = tmp_path / "report.json"
+    assert report_path.exists(), f"QGIS did not run the script (rc={proc.returncode}): {proc.stderr[-3000:]}"
+    report = json.loads(report_path.read_text())
+    assert "error" not in report, report["error"] + proc.stderr[-3000:]
+    assert not report["uncaught"], "\n".join(report["uncaught"])
+    return report
+
+
+def test_dock_runs_reruns_from_cache_and_cancels(tmp_path):
+    r = run_qgis(tmp_path, "dock_run.py", with_torch=True)
+    # the guess puts the "before" layer first although the "after" layer was added first; swap works
+    assert r["guessed"] == ["sample_before", "sample_after"]
+    assert r["swapped"] == ["sample_after", "sample_before"] and "reversed" in r["reversed_hint"]
+    assert "EPSG:32633" in r["alignment"] and "km²" in r["alignment"]
+    assert not r["env_box_visible"]
+    assert "QGIS's Python on: CPU" in r["device_label"] or "CUDA" in r["device_label"]
+    assert "m/px" in r["card"] and "Training data" in r["card"] and "Metrics" in r["card"]
+    assert "tiles" in r["card_summary"]
+    assert r["advanced_collapsed"]
+
+    run1 = r["run1"]
+    assert run1["finished"] and not run1["error"] and not run1["cancelled"], run1
+    assert run1["result"]["tiles"] > 0 and not run1["result"]["reused_probability"]
+    assert r["run1_layer"]["renderer"] == "graduatedSymbol"
+    assert len(r["cache_after_run1"]) == 1 and r["cache_after_run1"][0].startswith("probability-")
+
+    run2 = r["run2"]
+    assert run2["finished"] and not run2["error"], run2
+    assert run2["result"]["reused_probability"] and run2["result"]["tiles"] == 0  # no second inference
+    assert "re-used the cached probability map" in r["summary"]
+    layer = r["run2_layer"]
+    assert layer["features"] > 0 and layer["features"] == run2["result"]["regions"]
+    assert layer["renderer"] == "graduatedSymbol" and layer["attr"] == "mean_prob"
+    assert all(c.strip() for c in layer["captions"])
+    assert "caption" in layer["map_tip"]
+    assert layer["abstract"] == run2["result"]["scene_caption"] == r["scene_caption_widget"] == r["clipboard"]
+    assert r["caption_read_only"]
+    assert "|layername=change_regions" in layer["source"]
+    assert str(tmp_path / "work" / "out") in layer["source"]
+    assert r["table_rows"] == layer["features"]
+    assert sorted(r["table_captions"]) == sorted(layer["captions"])
+    assert r["run2_layer_id"] in r["group_layer_ids"]
+    children = dict(r["group_children"])
+    assert any(name.endswith("change probability") and not visible for name, visible in children.items())
+    assert r["selected_from_table"][0] == [r["selected_from_table"][1]]
+    assert r["selected_from_layer"][0] == [r["selected_from_layer"][1]]
+    assert r["zoomed"]
+    assert {"dock.png", "map.png", "qgis_window.png"} <= set(r["screenshots"])
+
+    assert r["cancel_started"] and r["cancel_saw_progress"] and r["cancel_finished"]
+    assert r["cancel_outcome"]["cancelled"] and not r["cancel_outcome"]["error"]
+    assert r["cancel_seconds"] < 5.0, r["cancel_seconds"]
+    assert "Cancelled" in r["cancel_status"]
+    assert r["cancel_new_layers"] == [] and r["cancel_new_files"] == [] and r["cancel_new_temp"] == []
+    assert r["run_enabled_after_cancel"]
+    if os.environ.get("CHANGESCRIBE_UPDATE_SCREENSHOTS"):
+        for name in ("dock.png", "map.png"):
+            shutil.copyfile(tmp_path / "work" / "shots" / name, REPO / "docs" / name)
+
+
+def test_dock_without_torch_offers_the_worker_and_runs_through_it(tmp_path):
+    from changescribe.core.synthetic import write_pair
+
+    pair = write_pair(tmp_path / "pair", name="site_2019", size=192, seed=5)
+    later = pair.after.with_name("site_2021_after.tif")
+    pair.after.rename(later)
+    r = run_qgis(tmp_path, "dock_worker.py", with_torch=False,
+                 extra_env={"CHANGESCRIBE_TEST_BEFORE": str(pair.before), "CHANGESCRIBE_TEST_AFTER": str(later),
+                            "CHANGESCRIBE_TEST_PYTHON": sys.executable})
+    assert r["torch_importable"] is False
+    assert r["env_visible"] and r["env_text"].startswith("PyTorch is not installed in QGIS's Python")
+    assert "separate Python environment" in r["env_text"]
+    assert r["env_buttons"] == ["Use a separate Python…", "Create one…"]
+    assert not r["run_enabled_without_torch"]
+    assert "EPSG:32633" in r["alignment"]  # rasterio-only preview works without torch
+    assert r["models"]  # cards are read without torch
+    assert sys.executable in r["device_label_worker"] and "CPU" in r["device_label_worker"]
+    run = r["run"]
+    assert run["finished"] and not run["error"], run
+    assert run["result"]["tiles"] > 0
+    assert r["layer_in_group"] and r["table_rows"] == r["features"] == run["result"]["regions"]
+    assert r["running_device_label"].startswith("Running in the separate Python")
+    aoi = r["aoi_run"]
+    assert aoi["finished"] and not aoi["error"], aoi
+    assert any("limited to the area of interest" in line for line in aoi["result"]["alignment"])
+    assert aoi["result"]["tiles"] > 0  # another area: another probability map, not the cached one
+    # the cache holds the last inputs only: the earlier map was removed when the new one was made
+    assert len(r["cache_before_aoi"]) == len(r["cache_after_aoi"]) == 1
+    assert r["cache_before_aoi"] != r["cache_after_aoi"]
+    assert r["bad_python_error"] and "cannot start" in r["bad_python_error"]
+    assert r["unloaded"] and not r["dock_after_unload"] and not r["action_after_unload"]
+
+
+@pytest.mark.parametrize("text, date", [("S2_20190501_T32", (2019, 5, 1)), ("ortho 2021-07-14", (2021, 7, 14)),
+                                        ("city_2019_06", (2019, 6, 0)), ("mosaic 2018", (2018, 0, 0)),
+                                        ("tile_123456", None), ("epsg32633", None)])
+def test_dates_are_found_in_names(text, date):
+    from changescribe.plugin.dock_widgets_inputs import find_date
+
+    assert find_date(text) == date
+
+
+def test_before_after_guess_prefers_dates_then_words():
+    from changescribe.plugin.dock_widgets_inputs import find_role, order, time_hint
+
+    assert find_role("site_pre_event") == "before" and find_role("Post-flood") == "after"
+    assert find_role("prepared_mosaic") is None and find_role("before_after") is None
+    assert order(time_hint("area_2021"), time_hint("area_2019")) == 1
+    assert order(time_hint("img_20190501"), time_hint("img_20190430")) == 1
+    assert order(time_hint("old_2021"), time_hint("new_2019")) == 1  # dates win over words
+    assert order(time_hint("sample_before"), time_hint("sample_after")) == -1
+    assert order(time_hint("2019"), time_hint("20190601")) == 0  # same year, one undated: cannot tell
+    assert order(time_hint("a"), time_hint("b")) == 0
+
+
+def test_eta_text():
+    from changescribe.plugin.dock import eta_text
+
+    assert eta_text(1.0, 0.5) == "" and eta_text(10.0, 0.01) == ""
+    assert eta_text(10.0, 0.5) == "about 10 s left" and eta_text(60.0, 0.25) == "about 3 min left"
+
+
+def test_model_card_metrics_flat_or_per_split():
+    from changescribe.plugin.dock_widgets_model import metric_lines
+
+    assert metric_lines({"split": "val", "F1": 0.5, "BLEU-4": 0.25}) == ["Metrics (val): F1 0.5, BLEU-4 0.25"]
+    lines = metric_lines({"validation": {"F1": 0.8}, "test": {"split": "held-out test", "F1": 0.7}})
+    assert lines == ["Metrics (held-out test): F1 0.7", "Metrics (validation): F1 0.8"]
+
+
+def test_results_never_go_into_the_plugin_folder(tmp_path):
+    from changescribe.plugin.main import PLUGIN_DIR
+    from changescribe.plugin.settings import _inside
+
+    assert _inside(PLUGIN_DIR / "out", PLUGIN_DIR) and _inside(PLUGIN_DIR, PLUGIN_DIR)
+    assert not _inside(tmp_path / "ChangeScribe", PLUGIN_DIR)
