@@ -54,7 +54,9 @@ def _models(args: argparse.Namespace) -> int:
 
     print("architectures:")
     for row in list_models():
-        print(f"  {row['name']:<22} {row['paper']:<40} {row['parameters'] / 1e6:8.2f} M params")
+        n = row["parameters"]
+        count = f"{n / 1e6:8.2f} M params" if n is not None else "   (needs transformers/peft)"
+        print(f"  {row['name']:<22} {row['paper']:<40} {count}")
     print("installed model files:")
     for card in installed_models():
         print(f"  {card['name']:<22} {card['architecture']:<16} v{card.get('version', '?'):<8} {card['path']}")

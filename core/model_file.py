@@ -156,7 +156,10 @@ def save_model_file(path: str | Path, module: "nn.Module", architecture: str, co
 
 
 def load_model_file(path: str | Path, device: str = "cpu") -> "TorchChangeModel":
-    """Card or weights path -> ready :class:`TorchChangeModel`. Verifies sha256; never unpickles."""
+    """Card or weights path -> ready :class:`TorchChangeModel`. Verifies sha256; never unpickles.
+
+    A card with ``"pair_with": NAME`` (a captioner without a change head, e.g. SEN) returns a
+    :class:`~changescribe.core.models.pairing.PairedChangeModel` with that change detector."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -192,6 +195,9 @@ def load_model_file(path: str | Path, device: str = "cpu") -> "TorchChangeModel"
         raise ModelFileError(f"{wp}: weights do not fit architecture {arch!r}: {e}") from None
     model = TorchChangeModel(module, InputSpec.from_dict(card["input"]), vocab, name=card["name"],
                              version=card.get("version", "0"), architecture=arch, card=card)
+    if card.get("pair_with"):  # a captioner without a change head names its detector (models/pairing.py)
+        from .models.pairing import pair_from_card
+        return pair_from_card(model.to(device), card, device)  # type: ignore[return-value]
     return model.to(device)
 
 

@@ -5,7 +5,14 @@ The wrapped module must provide (BIT and Pix4Cap do), all on *normalised* inputs
 * ``encode(before, after) -> features`` - the expensive shared part, run once per batch;
 * ``change_logits(features) -> (B, 2, H, W)``;
 * captioners also: ``caption_memory(features) -> (memory (B, N, D), memory_mask | None)``, a
-  ``decoder`` (:class:`CaptionDecoder`) and ``can_caption = True``.
+  ``decoder`` (:class:`CaptionDecoder`) and ``can_caption = True``;
+* captioners that decode with their own generator (Semantic-CC's LLM) instead provide
+  ``generate_captions(features, beam_size, max_len) -> ids (B, T)`` and ``decode_captions(ids) -> list[str]``,
+  and ``attach_vocabulary(vocabulary)`` when a word-level vocabulary can serve as their tokenizer;
+* captioners without a change head (SEN) set ``can_detect = False`` and have no ``change_logits``: they
+  run in the pipeline paired with a change detector (:class:`.pairing.PairedChangeModel`).
+
+A module's ``cfg.beam_size`` (SEN: 3, the paper's choice) is offered as :attr:`default_beam_size`.
 """
 
 from __future__ import annotations
@@ -31,10 +38,24 @@ class TorchChangeModel(ChangeModel):
         self.name, self.version = name, version
         self.architecture = architecture
         self.card = card or {}
+        if vocabulary is not None and hasattr(module, "attach_vocabulary"):
+            module.attach_vocabulary(vocabulary)
 
     @property
     def can_caption(self) -> bool:
-        return bool(getattr(self.module, "can_caption", False)) and self.vocabulary is not None
+        if not getattr(self.module, "can_caption", False):
+            return False
+        return self.vocabulary is not None or getattr(self.module, "tokenizer", None) is not None
+
+    @property
+    def can_detect(self) -> bool:
+        """False for captioners without a change head (pair them with a detector)."""
+        return bool(getattr(self.module, "can_detect", True)) and hasattr(self.module, "change_logits")
+
+    @property
+    def default_beam_size(self) -> int:
+        """The beam size the model's paper decodes with (1 = greedy when the config says nothing)."""
+        return int(getattr(getattr(self.module, "cfg", None), "beam_size", 1) or 1)
 
     @property
     def device(self) -> torch.device:
@@ -53,15 +74,24 @@ class TorchChangeModel(ChangeModel):
         return b, a
 
     def _probability(self, feats: Any) -> torch.Tensor:
+        if not self.can_detect:
+            raise NotImplementedError(f"model {self.name!r} only captions; pair it with a change detector "
+                                      "(a 'pair_with' entry in its model card, or PairedChangeModel)")
         return self.module.change_logits(feats).float().softmax(1)[:, 1]
 
     def _captions(self, feats: Any, beam_size: int, max_length: int | None) -> list[str]:
+        if hasattr(self.module, "generate_captions"):
+            ids = self.module.generate_captions(feats, beam_size=beam_size,
+                                                max_len=max_length or getattr(self.vocabulary, "max_length", None))
+            return self.module.decode_captions(ids.cpu())
         memory, mask = self.module.caption_memory(feats)
         ids = self.module.decoder.generate(memory, mask, beam_size=beam_size,
                                            max_len=max_length or self.vocabulary.max_length)
         return self.vocabulary.decode_batch(ids.cpu())
 
     def change_probability(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+        if not self.can_detect:
+            self._probability(None)  # raises the explanation
         self.module.eval()
         with torch.inference_mode():
             return self._probability(self.module.encode(*self._prepare(before, after)))
@@ -87,4 +117,5 @@ class TorchChangeModel(ChangeModel):
     def describe(self) -> dict:
         d = super().describe()
         d["architecture"] = self.architecture
+        d["detects"] = self.can_detect
         return d

@@ -17,7 +17,10 @@ import torch
 from torch import nn
 
 from .change_detector import BITChangeDetector, BITConfig
+from .dfm import DFM, DFMConfig
 from .pix4cap import Pix4Cap, Pix4CapConfig
+from .semantic_cc import WEIGHTS_NOTE, SemanticCC, SemanticCCConfig, sam_config
+from .sen import SEN, SENConfig
 
 Builder = Callable[..., nn.Module]  # builder(config, backbone_weights=None) -> nn.Module
 
@@ -89,7 +92,10 @@ def build_model(name: str, config: Any = None, *, input_spec: Any = None, vocabu
     if vocabulary is not None and hasattr(cfg, "vocab_size"):
         changes["vocab_size"] = len(vocabulary)
     cfg = dataclasses.replace(cfg, **changes)
-    return entry.builder(cfg, backbone_weights=backbone_weights), cfg
+    module = entry.builder(cfg, backbone_weights=backbone_weights)
+    if vocabulary is not None and hasattr(module, "attach_vocabulary"):  # Semantic-CC's word-level tokenizer
+        module.attach_vocabulary(vocabulary)
+    return module, cfg
 
 
 def count_parameters(name: str, config: Any = None) -> int:
@@ -99,10 +105,17 @@ def count_parameters(name: str, config: Any = None) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _count_or_none(name: str) -> int | None:
+    try:
+        return count_parameters(name)
+    except ImportError:  # an optional dependency (transformers/peft for Semantic-CC) is not installed
+        return None
+
+
 def list_models(count: bool = True) -> list[dict[str, Any]]:
-    """Facts about each registered model for UIs and the CLI."""
+    """Facts about each registered model for UIs and the CLI (``parameters`` None when uncountable here)."""
     return [{"name": e.name, "paper": e.paper, "description": e.description, "captions": e.captions,
-             "parameters": count_parameters(e.name) if count else None} for e in map(get_entry, known_models())]
+             "parameters": _count_or_none(e.name) if count else None} for e in map(get_entry, known_models())]
 
 
 BIT_PAPER = "Chen, Qi & Shi, 'Remote sensing image change detection with transformers', IEEE TGRS 2021"
@@ -123,3 +136,48 @@ register(ModelEntry("pix4cap", Pix4Cap, Pix4CapConfig(), PIX4CAP_PAPER,
                     "change mask + caption.", True))
 register(ModelEntry("pix4cap-tiny", Pix4Cap, PIX4CAP_TINY, PIX4CAP_PAPER,
                     "Pix4Cap, small configuration for CPU training (ResNet-18 to layer3, d_model 256).", True))
+
+SEN_PAPER = ("Zhou, Gao, Yuan & Wang, 'Single-stream Extractor Network with Contrastive Pre-training for Remote "
+             "Sensing Change Captioning' (SEN), IEEE TGRS 2024")
+DFM_PAPER = ("'DFM: Difference Feature Modeling with Text-Guided Gated Contrastive Loss for Remote Sensing Image "
+             "Change Captioning'")
+SEMANTIC_CC_PAPER = ("Zhu, Li, Chen, Liu, Zhou & Shi, 'Semantic-CC: Boosting Remote Sensing Image Change Captioning "
+                     "via Foundational Knowledge and Semantic Guidance'")
+
+# sen-small: ResNet-18 single-stream extractor, D = 256, otherwise the paper's layout (N_e 2, N_d 1, beam 3).
+SEN_SMALL = SENConfig(backbone="resnet18", d_model=256, ffn_dim=1024, ca_reduction=16)
+# dfm-small: a 6-layer 256-wide ViT/32, one spatio-temporal layer, the paper-size BIT (3.5 M) as CD encoder.
+DFM_SMALL = DFMConfig(vit_width=256, vit_layers=6, vit_heads=4, vit_grid=8, d_model=256, heads=8, ffn_dim=1024,
+                      st_layers=1, cd_grid=16)
+# semantic-cc-small: everything trained from scratch on a laptop (nothing pretrained to keep frozen, so no
+# LoRA and no freezing): a 256-px SAM-style ViT (256 wide, 6 blocks, global attention at 2 and 5), a
+# 2-layer Q-Former with 16 queries and a 4-layer 256-wide Llama-style decoder over the word vocabulary.
+SEMANTIC_CC_SMALL = SemanticCCConfig(
+    embed_dim=256, depth=6, vit_heads=8, global_attn_indexes=(2, 5), window=8, img_size=256, neck_channels=128,
+    lora_r=0, bcsf_ffn_ratio=1.0, neck_units=3, neck_mlp_ratio=2, fpn_channels=128, cd_channels=64,
+    num_query_tokens=16, qformer_hidden=256, qformer_layers=2, qformer_heads=4, qformer_intermediate=512,
+    llm_hidden=256, llm_layers=4, llm_heads=4, llm_intermediate=688, llm_max_positions=256, vocab_size=436,
+    llm_lora_r=0, freeze_pretrained=False)
+
+register(ModelEntry("sen", SEN, SENConfig(), SEN_PAPER,
+                    "SEN, paper configuration (6-band single-stream ResNet-50, D 512, SFE, CAGD N_e 2, decoder N_d 1, "
+                    "beam 3): caption only - paired with a change detector.", True))
+register(ModelEntry("sen-small", SEN, SEN_SMALL, SEN_PAPER,
+                    "SEN, small configuration (6-band ResNet-18, D 256): caption only - paired with a change "
+                    "detector.", True))
+register(ModelEntry("dfm", DFM, DFMConfig(), DFM_PAPER,
+                    "DFM, paper configuration (CLIP-layout ViT-B/32, BIT change encoder injected by cross-attention, "
+                    "Joint Feature Modeling, TGCL heads): change mask (BIT) + caption.", True))
+register(ModelEntry("dfm-small", DFM, DFM_SMALL, DFM_PAPER,
+                    "DFM, small configuration (6-layer 256-wide ViT/32, BIT change encoder): change mask + caption.",
+                    True))
+register(ModelEntry("semantic-cc-vit-l", SemanticCC, SemanticCCConfig(), SEMANTIC_CC_PAPER,
+                    "Semantic-CC, paper configuration (SAM ViT-L + LoRA + BCSF, 3-unit aggregation neck, SimpleFPN "
+                    "CD decoder, Q-Former + enhancer + Vicuna-7B-size LLM with LoRA): change mask + caption. "
+                    + WEIGHTS_NOTE, True))
+register(ModelEntry("semantic-cc-vit-b", SemanticCC, sam_config("vit_b"), SEMANTIC_CC_PAPER,
+                    "Semantic-CC on SAM ViT-B (otherwise the paper configuration): change mask + caption. "
+                    + WEIGHTS_NOTE, True))
+register(ModelEntry("semantic-cc-small", SemanticCC, SEMANTIC_CC_SMALL, SEMANTIC_CC_PAPER,
+                    "Semantic-CC, small configuration trained from scratch (256-wide SAM-style ViT, 4-layer "
+                    "Llama-style decoder over the word vocabulary): change mask + caption.", True))

@@ -1,0 +1,115 @@
+"""Pairing a change detector with a captioner that has no change head (SEN), behind one ChangeModel.
+
+:class:`PairedChangeModel` takes the probability map from the detector and the captions from the
+captioner; each wrapped model normalises the raw 0..255 input with its own statistics, so the two need
+not share them. A captioner's model card may name its partner::
+
+    "pair_with": "bit-cd-levir"          # a model name (searched like --model) or a card path
+
+and :func:`~changescribe.core.model_file.load_model_file` then returns the pair: the partner is resolved
+through :mod:`changescribe.core.model_loading` (the captioner's own folder first, then the usual model
+folders) when the captioner is loaded. The partner must detect change and must not itself carry a
+``pair_with`` entry (no chains, no cycles).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..model_api import ChangeModel, InputSpec, Prediction
+
+
+class PairedChangeModel(ChangeModel):
+    """``change_probability`` from ``detector``, ``caption`` from ``captioner``.
+
+    ``input_spec`` defaults to the captioner's (captioners are trained at one tile size and GSD, while
+    change detectors are fully convolutional); both models must read the same number of bands.
+    """
+
+    def __init__(self, detector: ChangeModel, captioner: ChangeModel, *, name: str | None = None,
+                 version: str | None = None, input_spec: InputSpec | None = None) -> None:
+        if not getattr(detector, "can_detect", True):
+            raise ValueError(f"{detector.name!r} cannot detect change, so it cannot be the pair's detector")
+        if detector.input_spec.bands != captioner.input_spec.bands:
+            raise ValueError(f"detector {detector.name!r} reads {detector.input_spec.bands} bands but captioner "
+                             f"{captioner.name!r} reads {captioner.input_spec.bands}")
+        self.detector, self.captioner = detector, captioner
+        self.name = name or f"{captioner.name}+{detector.name}"
+        self.version = version or str(captioner.version)
+        self.input_spec = input_spec or captioner.input_spec
+
+    can_detect = True
+
+    @property
+    def can_caption(self) -> bool:
+        return self.captioner.can_caption
+
+    @property
+    def default_beam_size(self) -> int:
+        return int(getattr(self.captioner, "default_beam_size", 1))
+
+    @property
+    def device(self) -> torch.device:
+        return self.detector.device
+
+    def to(self, device: str | torch.device) -> "PairedChangeModel":
+        self.detector = self.detector.to(device)
+        self.captioner = self.captioner.to(device)
+        return self
+
+    def change_probability(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+        return self.detector.change_probability(before, after)
+
+    def caption(self, before: torch.Tensor, after: torch.Tensor, beam_size: int = 1,
+                max_length: int | None = None) -> list[str]:
+        if not self.can_caption:
+            raise NotImplementedError(f"model {self.name!r} does not caption")
+        dev = self.captioner.device
+        return self.captioner.caption(before.to(dev), after.to(dev), beam_size=beam_size, max_length=max_length)
+
+    def predict(self, before: torch.Tensor, after: torch.Tensor, with_captions: bool = False,
+                beam_size: int = 1) -> Prediction:
+        prob = self.change_probability(before, after)
+        caps = self.caption(before, after, beam_size=beam_size) if with_captions and self.can_caption else None
+        return Prediction(probability=prob, captions=caps)
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d["paired"] = {"detector": self.detector.describe(), "captioner": self.captioner.describe()}
+        return d
+
+
+def pair_from_card(captioner: ChangeModel, card: dict[str, Any], device: str = "cpu") -> ChangeModel:
+    """The captioner itself, or the pair named by its card's ``pair_with`` (see module docstring)."""
+    from ..model_file import ModelFileError, load_model_file, read_card, resolve_model
+    from ..model_loading import model_dirs
+
+    partner = card.get("pair_with")
+    if not partner:
+        return captioner
+    if not isinstance(partner, str):
+        raise ModelFileError(f"{card.get('_card_path')}: 'pair_with' must be a model name or card path")
+    own_dir = Path(card["_card_path"]).parent if card.get("_card_path") else None
+    path = Path(partner)
+    if path.suffix in (".json", ".safetensors") or "/" in partner or "\\" in partner:  # a card path
+        if own_dir is not None and not path.is_absolute():
+            path = own_dir / path  # relative to the captioner's card
+        partner_card = resolve_model(path)
+    else:  # a model name: the captioner's folder first, then the usual model folders
+        partner_card = resolve_model(partner, model_dirs([own_dir] if own_dir is not None else None))
+    if read_card(partner_card).get("pair_with"):
+        raise ModelFileError(f"{partner_card}: a pair_with partner must be a change detector without its own "
+                             "'pair_with' entry")
+    detector = load_model_file(partner_card, device=device)
+    if not getattr(detector, "can_detect", True):
+        raise ModelFileError(f"{card.get('_card_path')}: pair_with partner {partner!r} does not detect change")
+    spec = captioner.input_spec
+    if detector.input_spec.bands != spec.bands:
+        raise ModelFileError(f"{card.get('_card_path')}: pair_with partner {partner!r} reads "
+                             f"{detector.input_spec.bands} bands, the captioner {spec.bands}")
+    return PairedChangeModel(detector, captioner, name=captioner.name, version=str(captioner.version),
+                             input_spec=dataclasses.replace(spec))
