@@ -34,6 +34,8 @@ from .version import VERSION
 
 log = logging.getLogger(__name__)
 
+GDAL_CACHE_BYTES = 256 * 2**20
+
 
 @dataclass
 class ChangeResult:
@@ -80,7 +82,9 @@ def detect_changes(before: str | os.PathLike, after: str | os.PathLike, model: C
     control.log(f"model {model.name} {model.version} on {describe_device(dev)}")
     spec = model.input_spec
     gsd = spec.gsd if target_gsd == "model" else target_gsd
-    with AlignedPair(before, after, bands=spec.bands, target_gsd=gsd, area_of_interest=area_of_interest) as pair:
+    # GDAL's block cache defaults to 5 % of RAM and fills as the raster grows; bound it so memory stays flat.
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), \
+            AlignedPair(before, after, bands=spec.bands, target_gsd=gsd, area_of_interest=area_of_interest) as pair:
         for line in pair.report.lines():
             control.log(line)
         with tempfile.TemporaryDirectory(prefix="changescribe-") as tmp:
