@@ -27,6 +27,7 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
+from .dock_widgets_annotate import AnnotatePanel
 from .dock_widgets_inputs import PairPicker, gdal_source
 from .dock_widgets_model import ModelPanel
 from .dock_widgets_results import GROUP_NAME, ResultsPanel, add_result_layers
@@ -122,6 +123,14 @@ class ChangeScribeDock(QgsDockWidget):
         run_row.addWidget(self.cancel_button)
         run_row.addStretch(1)
         run_row.addWidget(self.settings_button)
+        self.annotate = AnnotatePanel(self.iface.mapCanvas(),
+                                      lambda: (self.pair.before_layer(), self.pair.after_layer()),
+                                      self.model_panel.current_card,
+                                      lambda: [self.last_layer] if self.last_layer is not None else [])
+        self.annotate_box = QgsCollapsibleGroupBox("Annotate")
+        self.annotate_box.setObjectName("changescribe_annotate")
+        self.annotate_box.setCollapsed(True)
+        QVBoxLayout(self.annotate_box).addWidget(self.annotate)
         log_box = QgsCollapsibleGroupBox("Log")
         log_box.setCollapsed(True)
         QVBoxLayout(log_box).addWidget(self.log_edit)
@@ -139,6 +148,7 @@ class ChangeScribeDock(QgsDockWidget):
         box.addWidget(self.device_label)
         box.addWidget(_section("Result"))
         box.addWidget(self.results, 1)
+        box.addWidget(self.annotate_box)
         box.addWidget(log_box)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
@@ -388,6 +398,7 @@ class ChangeScribeDock(QgsDockWidget):
         """Called on plugin unload: stop a running task and drop project connections."""
         if self.task is not None:
             self.task.cancel()
+        self.annotate.shutdown()
         project = QgsProject.instance()
         for signal, slot in ((project.layersAdded, self._layers_changed),
                              (project.layersRemoved, self._layers_changed)):

@@ -34,8 +34,8 @@ class ChangeScribeProvider(QgsProcessingProvider):
         # the algorithms even where PyTorch is missing (running one then says how to install it).
         from .caption_regions_algorithm import CaptionRegionsAlgorithm
         from .detect_changes_algorithm import DetectChangesAlgorithm
+        from .export_training_algorithm import ExportTrainingDataAlgorithm
 
         self.addAlgorithm(DetectChangesAlgorithm())
         self.addAlgorithm(CaptionRegionsAlgorithm())
-        # Reserved: "changescribe:exporttrainingdata" belongs to the annotation issue and is registered there.
-        # Do not give that id to anything else.
+        self.addAlgorithm(ExportTrainingDataAlgorithm())  # changescribe:exporttrainingdata (annotations)
