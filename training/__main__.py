@@ -1,4 +1,9 @@
-"""``python -m changescribe.training <recipe> --config FILE --out DIR``: train one recipe, export a model file."""
+"""``python -m changescribe.training <recipe> --config FILE --out DIR``: train one recipe, export a model file.
+
+Recipes: ``pix4cap`` (change mask + caption), ``cd-bit`` (BIT change detector); ``pseudo-labels`` (a CD model
+labels LEVIR-CC for pix4cap); ``eval`` (the metric table of a model file). ``--ddp`` trains on all visible GPUs
+(or ``--nproc`` CPU processes) with DistributedDataParallel under torchrun.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +12,83 @@ import json
 import logging
 import sys
 
-RECIPES = ("pix4cap", "eval")
+RECIPES = ("pix4cap", "cd-bit", "pseudo-labels", "eval")
+TRAINERS = {"pix4cap": "pix4cap", "cd-bit": "cd_bit"}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m changescribe.training", description=__doc__)
-    ap.add_argument("recipe", choices=RECIPES, help="a recipe to train, or eval")
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m changescribe.training", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("recipe", choices=RECIPES, help="a recipe to train, pseudo-labels, or eval")
     ap.add_argument("model", nargs="?", help="eval: the model card (or model name) to evaluate")
     ap.add_argument("--config", help="JSON recipe config (see training/configs/)")
-    ap.add_argument("--out", help="run folder: checkpoints, log.csv and the exported model file")
-    ap.add_argument("--pairs", type=int, default=200, help="eval: held-out synthetic pairs")
-    ap.add_argument("--beam-size", type=int, default=3, help="eval: caption beam size (papers: 3)")
+    ap.add_argument("--out", help="run folder (checkpoints, log.csv, curves.png, the model file); "
+                                  "pseudo-labels: the mask folder")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help='override a config value, e.g. --set optim.max_steps=2 --set data.train_pairs=16')
+    ap.add_argument("--ddp", action="store_true",
+                    help="DistributedDataParallel: relaunches under torchrun with one process per GPU "
+                         "(gloo processes on the CPU); optim.batch_size is per process")
+    ap.add_argument("--nproc", type=int, help="--ddp: number of processes (default: visible GPUs, CPU: 2)")
+    ev = ap.add_argument_group("eval")
+    ev.add_argument("--pairs", type=int, default=200, help="held-out synthetic pairs")
+    ev.add_argument("--split", default="test",
+                    help="split of the --config dataset (real data); none = ROOT itself (already-cut crops)")
+    ev.add_argument("--beam-size", type=int, default=3, help="caption beam size (papers: 3)")
+    pl = ap.add_argument_group("pseudo-labels")
+    pl.add_argument("--cd-model", help="the change detector's model card (e.g. from the cd-bit recipe)")
+    pl.add_argument("--data", help="LEVIR-CC root (images/<split>/{A,B})")
+    pl.add_argument("--captions", help="caption file (default DATA/LevirCCcaptions.json)")
+    pl.add_argument("--splits", help="comma-separated splits (default: all in the caption file)")
+    pl.add_argument("--batch-size", type=int, default=16)
+    pl.add_argument("--threshold", type=float, default=0.5)
+    pl.add_argument("--workers", type=int, default=0, help="DataLoader workers reading the images")
+    pl.add_argument("--missing", choices=("error", "skip"), default="error",
+                    help="skip caption-file pairs whose images are not on disk")
+    return ap
+
+
+def _overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _relaunch_under_torchrun(argv: list[str], nproc: int | None, device: str) -> int:
+    """``--ddp`` from a plain ``python -m``: start torchrun with the same arguments (it runs ``main`` again in
+    every worker, where the torchrun environment is set)."""
+    import torch
+    from torch.distributed.run import main as torchrun
+
+    if nproc is None:
+        nproc = torch.cuda.device_count() if device != "cpu" and torch.cuda.is_available() else 2
+    args = []
+    skip = False
+    for a in argv:  # --nproc belongs to this launcher only
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    try:
+        torchrun(["--standalone", f"--nproc_per_node={nproc}", "-m", "changescribe.training", *args])
+    except Exception as e:  # noqa: BLE001 - torchrun reports which worker failed and why
+        print(f"error: DDP run failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = _parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -29,30 +96,46 @@ def main(argv: list[str] | None = None) -> int:
 
     from .config import load_config
 
-    device = str(resolve_device(args.device))
     if args.recipe == "eval":
         from .evaluate import evaluate_model_file, print_table
 
         if not args.model:
             ap.error("eval needs a MODEL card")
-        print_table(evaluate_model_file(args.model, args.pairs, beam_size=args.beam_size, device=device))
+        data = load_config(args.config, _overrides(args.set)).data if args.config else None
+        device = str(resolve_device(args.device))
+        print_table(evaluate_model_file(args.model, args.pairs, beam_size=args.beam_size, device=device,
+                                        data=data, split=None if args.split in ("", "none") else args.split))
+        return 0
+    if args.recipe == "pseudo-labels":
+        from .pseudo_labels import write_pseudo_labels
+
+        if not (args.cd_model and args.data and args.out):
+            ap.error("pseudo-labels needs --cd-model, --data and --out")
+        report = write_pseudo_labels(
+            args.cd_model, args.data, args.out, captions=args.captions,
+            splits=tuple(s for s in args.splits.split(",") if s) if args.splits else None,
+            batch_size=args.batch_size, threshold=args.threshold, device=str(resolve_device(args.device)),
+            num_workers=args.workers, missing=args.missing)
+        for split, counts in report.items():
+            print(f"{split}: {counts['written']} masks written, {counts['skipped']} already there")
         return 0
     if not (args.config and args.out):
         ap.error("training needs --config and --out")
 
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
-    cfg = load_config(args.config, overrides)
-    if args.recipe == "pix4cap":
-        from .recipes.pix4cap import train
+    from .engine import under_torchrun
 
-        card = train(cfg, args.out, device=device, resume=args.resume)
-    print(f"model file: {card}")
+    if args.ddp and not under_torchrun():
+        return _relaunch_under_torchrun(argv, args.nproc, args.device)
+    cfg = load_config(args.config, _overrides(args.set))
+    if cfg.recipe != args.recipe.replace("-", "_") and cfg.recipe != args.recipe:
+        ap.error(f"{args.config} is a {cfg.recipe!r} config, not {args.recipe!r}")
+    device = str(resolve_device(args.device))
+    import importlib
+
+    recipe = importlib.import_module(f".recipes.{TRAINERS[args.recipe]}", __package__)
+    card = recipe.train(cfg, args.out, device=device, resume=args.resume, ddp=args.ddp)
+    if card is not None:
+        print(f"model file: {card}")
     return 0
 
 

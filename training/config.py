@@ -1,40 +1,90 @@
-"""Recipe configuration: one JSON file per run, read into plain dataclasses (one place for every knob)."""
+"""Recipe configuration: one JSON file per run, read into plain dataclasses (one place for every knob).
+
+Unknown keys are an error at every level, so a typo (``"learning_rate"``) fails before any work starts.
+JSON has no comments: a config documents itself in an optional top-level ``"_comment"`` key (a string or a
+list of strings), which is kept in the model card's recipe but otherwise ignored.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 
 @dataclass
+class AugmentConfig:
+    """Bi-temporal augmentations (datasets/augment.py), applied to training pairs only."""
+
+    # Flips and rot90, the SAME on both dates and the mask. Off for caption training by default: LEVIR-CC
+    # captions say "on the left", "at the top", and a flipped image would contradict its caption.
+    geometric: bool = False
+    # Independent brightness/contrast/saturation/hue jitter per date (acquisitions differ in light and season).
+    photometric: bool = False
+    brightness: float = 0.1
+    contrast: float = 0.1
+    saturation: float = 0.1
+    hue: float = 0.02
+    # Probability of swapping before/after. Change masks are symmetric, captions are not ("built" vs
+    # "demolished"): recipes that train captions refuse a non-zero value.
+    time_swap: float = 0.0
+
+
+@dataclass
 class DataConfig:
-    source: str = "synthetic"          # synthetic | levircc | levircd (readers: training issue)
-    root: str | None = None            # dataset root for real layouts
+    # synthetic: core.synthetic; levircc: LEVIR-CC (masks from data.pseudo_labels, if given); levircd: LEVIR-CD
+    # (crops of crop_size); levirmci: LEVIR-CC layout + images/<split>/label masks (also the annotation export).
+    source: str = "synthetic"
+    root: str | None = None            # dataset root for the real layouts
+    captions: str | None = None        # levircc/levirmci caption JSON; default ROOT/LevirCCcaptions.json
+    pseudo_labels: str | None = None   # levircc: folder written by the pseudo-labels step (<split>/<name>.png)
+    crop_size: int | None = 256        # levircd: non-overlapping crops; None = whole images
+    train_split: str = "train"
+    val_split: str = "val"
+    limit: int | None = None           # real data: at most this many pairs per split (smoke runs)
+    val_limit: int | None = None       # real data: at most this many validation pairs (default: limit)
+    missing: str = "error"             # levircc/levirmci: "skip" pairs of the caption file without images
     train_pairs: int = 2000            # synthetic only
     val_pairs: int = 200
     size: int = 256
     p_no_change: float = 0.3
     first_seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
 class VocabularyConfig:
     source: str = "levircc"            # levircc: the LEVIR-CC train captions; data: the training captions
-    path: str | None = None            # levircc_captions.json
+    path: str | None = None            # levircc_captions.json or LevirCCcaptions.json (default: data.captions)
     min_count: int = 5
     max_length: int = 40
 
 
 @dataclass
 class OptimConfig:
+    optimizer: str = "adam"            # adam | adamw | sgd
     lr: float = 1e-4                   # Adam (Pix4Cap); RSICCformer lineage uses 1e-4
+    momentum: float = 0.9              # sgd only
     weight_decay: float = 0.0
-    batch_size: int = 32
+    scheduler: str = "none"            # none | linear (to 0 at the last step) | cosine
+    warmup_steps: int = 0
+    batch_size: int = 32               # per process; the effective batch is batch_size x accumulate x processes
+    accumulate: int = 1                # gradient accumulation: optimizer step every N batches
     epochs: int = 40
-    max_steps: int | None = None       # stop early (CPU smoke runs)
+    max_steps: int | None = None       # stop early (CPU smoke runs); counts optimizer steps
     grad_clip: float | None = 5.0
     num_workers: int = 0
+    # auto (CUDA: bf16 where supported, else fp16 + GradScaler; always off on the CPU) | off | bf16 | fp16
+    amp: str = "auto"
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True           # OUT/tensorboard, when torch.utils.tensorboard imports
+    plot: bool = True                  # OUT/curves.png after every epoch (matplotlib, Agg)
+    every_steps: int = 10              # TensorBoard train scalars every N optimizer steps
 
 
 @dataclass
@@ -47,11 +97,14 @@ class TrainConfig:
     tile_size: int = 256
     gsd: float | None = 0.5
     seed: int = 42
+    loss: str = "ce"                   # cd-bit: ce | ce+dice
     data: DataConfig = field(default_factory=DataConfig)
     vocabulary: VocabularyConfig = field(default_factory=VocabularyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     training_data: str = ""            # free text for the model card
     licence: str = "GPL-2.0-or-later"
+    _comment: str | list | None = None  # documentation inside the JSON file
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,20 +115,43 @@ def _build(cls, d: dict):
     unknown = set(d) - set(known)
     if unknown:
         raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for k, v in d.items():
-        sub = {"data": DataConfig, "vocabulary": VocabularyConfig, "optim": OptimConfig}.get(k) if cls is TrainConfig else None
-        kwargs[k] = _build(sub, v) if sub else v
+        sub = hints.get(k)
+        if dataclasses.is_dataclass(sub):
+            if not isinstance(v, dict):
+                raise ValueError(f"{cls.__name__}.{k} must be an object, got {v!r}")
+            kwargs[k] = _build(sub, v)
+        else:
+            kwargs[k] = v
     return cls(**kwargs)
 
 
+def config_from_dict(d: dict) -> TrainConfig:
+    """A :class:`TrainConfig` from a plain dict (a model card's ``recipe``, a JSON file)."""
+    return _build(TrainConfig, d)
+
+
 def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
-    """Read a JSON recipe config; ``overrides`` (dotted keys) win, e.g. {"optim.max_steps": 2}."""
-    d = json.loads(Path(path).read_text())
+    """Read a JSON recipe config; ``overrides`` (dotted keys) win, e.g. {"optim.max_steps": 2}.
+
+    Relative dataset and vocabulary paths are resolved against the config file's folder when they exist
+    there, else against the current directory (so shipped configs work from any working directory).
+    """
+    path = Path(path)
+    d = json.loads(path.read_text())
     for key, value in (overrides or {}).items():
         node = d
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = value
-    return _build(TrainConfig, d)
+    cfg = _build(TrainConfig, d)
+    base = path.resolve().parent
+    for obj, attr in ((cfg.data, "root"), (cfg.data, "captions"), (cfg.data, "pseudo_labels"),
+                      (cfg.vocabulary, "path")):
+        value = getattr(obj, attr)
+        if value and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
+            setattr(obj, attr, str((base / value).resolve()))
+    return cfg

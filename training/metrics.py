@@ -40,17 +40,30 @@ def caption_scores(references: list[list[str]], candidates: list[str], meteor: b
 
 
 class MaskScores:
-    """Precision / Recall / F1 / IoU / OA of the change class, accumulated over batches."""
+    """Precision / Recall / F1 / IoU / OA of the change class, accumulated over batches.
 
-    def __init__(self, threshold: float = 0.5):
-        self.metrics = {"Precision": BinaryPrecision(threshold=threshold), "Recall": BinaryRecall(threshold=threshold),
-                        "F1": BinaryF1Score(threshold=threshold), "IoU": BinaryJaccardIndex(threshold=threshold),
-                        "OA": BinaryAccuracy(threshold=threshold)}
+    Mask pixels equal to ``ignore_index`` (255: unlabelled) are left out; when no labelled pixel was seen,
+    every score is NaN (nothing to measure, e.g. LEVIR-CC without pseudo-labels).
+    """
+
+    def __init__(self, threshold: float = 0.5, ignore_index: int = 255):
+        # sync_on_compute=False: under DDP only rank 0 validates; a cross-process sync would wait forever
+        kw = {"threshold": threshold, "ignore_index": ignore_index, "sync_on_compute": False}
+        self.ignore_index = ignore_index
+        self.metrics = {"Precision": BinaryPrecision(**kw), "Recall": BinaryRecall(**kw), "F1": BinaryF1Score(**kw),
+                        "IoU": BinaryJaccardIndex(**kw), "OA": BinaryAccuracy(**kw)}
+        self.labelled = 0
 
     def update(self, probability: torch.Tensor, mask: torch.Tensor) -> None:
         p, m = probability.detach().float().cpu().flatten(), mask.detach().long().cpu().flatten()
+        valid = int((m != self.ignore_index).sum())
+        if not valid:
+            return
+        self.labelled += valid
         for metric in self.metrics.values():
             metric.update(p, m)
 
     def compute(self) -> dict[str, float]:
+        if not self.labelled:
+            return {k: float("nan") for k in self.metrics}
         return {k: float(v.compute()) for k, v in self.metrics.items()}

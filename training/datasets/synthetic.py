@@ -23,6 +23,7 @@ class SyntheticChangeDataset(Dataset):
         self.after = torch.empty_like(self.before)
         self.mask = torch.empty((count, size, size), dtype=torch.uint8)
         self.captions: list[list[str]] = []
+        self.first_seed = first_seed
         for i in tqdm(range(count), desc=f"rendering synthetic pairs {first_seed}+", disable=not progress):
             pair = make_pair(size, seed=first_seed + i, change_level=change_level, nuisance=nuisance,
                              p_no_change=p_no_change)
@@ -35,4 +36,5 @@ class SyntheticChangeDataset(Dataset):
         return self.before.shape[0]
 
     def __getitem__(self, i: int) -> dict:
-        return {"before": self.before[i], "after": self.after[i], "mask": self.mask[i], "captions": self.captions[i]}
+        return {"before": self.before[i], "after": self.after[i], "mask": self.mask[i], "captions": self.captions[i],
+                "name": f"synthetic_{self.first_seed + i}"}

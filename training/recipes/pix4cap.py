@@ -1,23 +1,27 @@
 """Pix4Cap recipe: joint change-mask + caption training, L_total = L_det + L_cap (Eq. 7–9), Adam.
 
-On LEVIR-CC the masks are CD pseudo-labels from a trained change detector (a separate step of the training
-issue); on synthetic data they are the generator's true masks. The best epoch (validation IoU + BLEU-4) is
-exported to a model file the plugin loads.
+Data (``data.source``):
+
+* ``synthetic`` - the generator's true masks and captions;
+* ``levircc`` - LEVIR-CC captions with CD pseudo-labels as masks (``data.pseudo_labels``: the folder the
+  ``pseudo-labels`` step writes from a trained change detector, as in the paper, which used BIT). Without
+  pseudo-labels the masks are unlabelled (255) and only the caption loss trains;
+* ``levirmci`` - LEVIR-MCI's annotated change maps (binary), e.g. the analysts' annotation export.
+
+Captions: one of the five references per pair and step, as in the LEVIR-CC recipes. Geometric augmentation
+is off unless ``data.augment.geometric`` (captions name positions); time swap is refused. The best epoch
+(validation IoU + BLEU-4) is exported to a model file the plugin loads.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import logging
+import math
 import random
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from changescribe.core.model_api import InputSpec, normalise
 from changescribe.core.model_file import save_model_file
@@ -26,133 +30,104 @@ from changescribe.core.models.registry import build_model, get_entry
 from changescribe.core.vocabulary import Vocabulary
 
 from ..config import TrainConfig
-from ..datasets.synthetic import SyntheticChangeDataset
+from ..datasets import build_dataset, describe_data
+from ..datasets.augment import check_for_captions
+from ..datasets.levir import CAPTIONS_FILE, read_captions
+from ..engine import Runtime, Task, fit, runtime, seed_everything
+from ..evaluate import evaluate
 from ..losses import pix4cap_loss
-from ..metrics import MaskScores, caption_scores
 
 log = logging.getLogger(__name__)
 
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+__all__ = ["train", "evaluate", "build_vocabulary", "seed_everything"]
 
 
-def _collate(items: list[dict]) -> dict:
-    return {"before": torch.stack([i["before"] for i in items]), "after": torch.stack([i["after"] for i in items]),
-            "mask": torch.stack([i["mask"] for i in items]), "captions": [i["captions"] for i in items]}
+def _levircc_captions_path(cfg: TrainConfig) -> Path | None:
+    v, d = cfg.vocabulary, cfg.data
+    if v.path:
+        return Path(v.path)
+    if d.source in ("levircc", "levirmci"):
+        return Path(d.captions) if d.captions else Path(d.root or ".") / CAPTIONS_FILE
+    return None
 
 
 def build_vocabulary(cfg: TrainConfig, train_captions: list[list[str]]) -> Vocabulary:
+    """LEVIR-CC's train-split words (``vocabulary.source: levircc``), else the training captions' words."""
     v = cfg.vocabulary
-    if v.source == "levircc" and v.path and Path(v.path).is_file():
-        return Vocabulary.from_levircc(v.path)
+    path = _levircc_captions_path(cfg)
+    if v.source == "levircc" and path is not None and path.is_file():
+        caps = [c for r in read_captions(path) if r.split == "train" for c in r.captions]
+        if caps:
+            return Vocabulary.build(caps, min_count=v.min_count, max_length=v.max_length)
     if v.source == "levircc":
-        log.warning("LEVIR-CC captions not found at %s; building the vocabulary from the training captions", v.path)
+        log.warning("LEVIR-CC captions not found at %s; building the vocabulary from the training captions", path)
     return Vocabulary.build([c for caps in train_captions for c in caps], min_count=v.min_count,
                             max_length=v.max_length)
 
 
-def evaluate(model: TorchChangeModel, data: SyntheticChangeDataset, batch_size: int,
-             meteor: bool = False, beam_size: int = 1) -> dict[str, float]:
-    """Mask metrics over all pixels and caption metrics against all five references."""
-    scores = MaskScores()
-    hyps: list[str] = []
-    loader = DataLoader(data, batch_size=batch_size, collate_fn=_collate)
-    for batch in loader:
-        pred = model.predict(batch["before"].float().to(model.device), batch["after"].float().to(model.device),
-                             with_captions=True, beam_size=beam_size)
-        scores.update(pred.probability, batch["mask"])
-        hyps += pred.captions
-    out = scores.compute()
-    out.update(caption_scores(data.captions, hyps, meteor=meteor))
-    return out
+def _captions_of(ds) -> list[list[str]]:
+    caps = getattr(ds, "captions", None)
+    if caps is None:
+        caps = [ds[i]["captions"] for i in range(len(ds))]
+    return caps
 
 
-def train(cfg: TrainConfig, out_dir: str | Path, device: str = "cpu", resume: bool = False) -> Path:
-    """Train and export; returns the model card path. Checkpoints go to ``out_dir/last.pt`` every epoch."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def train(cfg: TrainConfig, out_dir: str | Path, device: str = "cpu", resume: bool = False,
+          ddp: bool = False) -> Path | None:
+    """Train and export; returns the model card path (None on DDP ranks > 0). ``out_dir/last.pt`` after
+    every epoch; ``resume`` continues from it."""
+    with runtime(device, ddp) as rt:
+        return _train(cfg, out_dir, rt, resume)
+
+
+def _train(cfg: TrainConfig, out_dir: str | Path, rt: Runtime, resume: bool) -> Path | None:
     seed_everything(cfg.seed)
     d = cfg.data
-    if d.source != "synthetic":
-        raise NotImplementedError(f"data source {d.source!r}: the LEVIR readers come with the training issue")
-    train_set = SyntheticChangeDataset(d.train_pairs, d.size, d.first_seed, d.p_no_change)
-    val_set = SyntheticChangeDataset(d.val_pairs, d.size, d.first_seed + 1_000_000, d.p_no_change)
-    vocab = build_vocabulary(cfg, train_set.captions)
+    if d.source == "levircd":
+        raise ValueError("pix4cap trains captions: LEVIR-CD has none (use levircc with pseudo-labels, or levirmci)")
+    check_for_captions(d.augment, "pix4cap")
+    if d.augment.geometric and rt.main:
+        log.warning("data.augment.geometric flips/rotates pairs whose captions name positions (left/top/...)")
+    if d.source == "levircc" and not d.pseudo_labels and rt.main:
+        log.warning("LEVIR-CC without data.pseudo_labels: no change masks, only the caption loss trains")
+    train_set = build_dataset(d, d.train_split, train=True, progress=rt.main)
+    val_set = build_dataset(d, d.val_split, progress=rt.main)
+    vocab = build_vocabulary(cfg, _captions_of(train_set))
     spec = InputSpec(bands=3, tile_size=cfg.tile_size, gsd=cfg.gsd)
     arch_cfg = dataclasses.replace(get_entry(cfg.architecture).config, **cfg.config_overrides)
     module, arch_cfg = build_model(cfg.architecture, arch_cfg, input_spec=spec, vocabulary=vocab)
-    module.to(device)
-    opt = torch.optim.Adam(module.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    start_epoch, step, best = 0, 0, -1.0
-    ckpt = out / "last.pt"
-    if resume and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
-        module.load_state_dict(state["model"])
-        opt.load_state_dict(state["optim"])
-        start_epoch, step, best = int(state["epoch"]) + 1, int(state["step"]), float(state["best"])
-        log.info("resumed from %s at epoch %d", ckpt, start_epoch)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(train_set, batch_size=cfg.optim.batch_size, shuffle=True, drop_last=True, generator=gen,
-                        collate_fn=_collate, num_workers=cfg.optim.num_workers)
-    rng = random.Random(cfg.seed)
-    log_path = out / "log.csv"
-    best_metrics: dict = {}
-    with log_path.open("a", newline="") as log_file:
-        writer = csv.writer(log_file)
-        if log_path.stat().st_size == 0:
-            writer.writerow(["epoch", "step", "loss", "loss_det", "loss_cap", "val_IoU", "val_F1", "val_BLEU-4",
-                             "val_CIDEr-D", "seconds"])
-        for epoch in range(start_epoch, cfg.optim.epochs):
-            module.train()
-            t0 = time.perf_counter()
-            sums = np.zeros(3)
-            n = 0
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", leave=False)
-            for batch in bar:
-                before = normalise(batch["before"].float().to(device), spec)
-                after = normalise(batch["after"].float().to(device), spec)
-                # One of the five references per pair and step, as in the LEVIR-CC recipes.
-                tokens = vocab.encode([rng.choice(caps) for caps in batch["captions"]]).to(device)
-                cd_logits, cap_logits = module(before, after, tokens[:, :-1])
-                loss, parts = pix4cap_loss(cd_logits, batch["mask"].to(device), cap_logits, tokens[:, 1:])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.optim.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.optim.grad_clip)
-                opt.step()
-                step += 1
-                sums += (float(loss.detach()), parts["loss_det"], parts["loss_cap"])
-                n += 1
-                bar.set_postfix(loss=f"{sums[0] / n:.3f}")
-                if cfg.optim.max_steps and step >= cfg.optim.max_steps:
-                    break
-            model = TorchChangeModel(module, spec, vocab, name=cfg.model_name, version=cfg.model_version,
-                                     architecture=cfg.architecture)
-            metrics = evaluate(model, val_set, cfg.optim.batch_size)
-            score = metrics["IoU"] + metrics["BLEU-4"]
-            writer.writerow([epoch + 1, step, *(sums / max(n, 1)).round(4), round(metrics["IoU"], 4),
-                             round(metrics["F1"], 4), round(metrics["BLEU-4"], 4), round(metrics["CIDEr-D"], 4),
-                             round(time.perf_counter() - t0, 1)])
-            log_file.flush()
-            print(f"epoch {epoch + 1}: loss {sums[0] / max(n, 1):.3f}  val IoU {metrics['IoU']:.3f}  "
-                  f"F1 {metrics['F1']:.3f}  BLEU-4 {metrics['BLEU-4']:.3f}  CIDEr-D {metrics['CIDEr-D']:.3f}")
-            if score > best:
-                best, best_metrics = score, metrics
-                torch.save(module.state_dict(), out / "best.pt")
-            torch.save({"model": module.state_dict(), "optim": opt.state_dict(), "epoch": epoch, "step": step,
-                        "best": best}, ckpt)
-            if cfg.optim.max_steps and step >= cfg.optim.max_steps:
-                break
-    module.load_state_dict(torch.load(out / "best.pt", map_location=device, weights_only=True))
-    module.to("cpu")
-    return save_model_file(
-        out / cfg.model_name, module, cfg.architecture, arch_cfg, spec, vocab, name=cfg.model_name,
-        version=cfg.model_version, licence=cfg.licence,
-        training_data=cfg.training_data or f"synthetic generator: {d.train_pairs} pairs of {d.size}² px, "
-                                           f"seeds {d.first_seed}..{d.first_seed + d.train_pairs - 1}",
-        metrics={"split": f"held-out synthetic pairs (seeds from {d.first_seed + 1_000_000}, n={d.val_pairs})",
-                 **{k: round(v, 4) for k, v in best_metrics.items()}},
-        recipe=cfg.to_dict())
+
+    def loss(model, batch: dict, device: torch.device):
+        before = normalise(batch["before"].to(device).float(), spec)
+        after = normalise(batch["after"].to(device).float(), spec)
+        # One of the five references per pair and step (python's random, reseeded per epoch by the engine).
+        tokens = vocab.encode([random.choice(caps) if caps else "" for caps in batch["captions"]]).to(device)
+        cd_logits, cap_logits = model(before, after, tokens[:, :-1])
+        return pix4cap_loss(cd_logits.float(), batch["mask"].to(device), cap_logits.float(), tokens[:, 1:])
+
+    def wrap(module) -> TorchChangeModel:
+        return TorchChangeModel(module, spec, vocab, name=cfg.model_name, version=cfg.model_version,
+                                architecture=cfg.architecture)
+
+    def validate(module, device) -> dict[str, float]:
+        return evaluate(wrap(module), val_set, cfg.optim.batch_size)
+
+    def score(m: dict[str, float]) -> float:
+        iou = m.get("IoU", 0.0)
+        return (0.0 if math.isnan(iou) else iou) + m.get("BLEU-4", 0.0)
+
+    def export(module, metrics: dict[str, float], run: dict) -> Path:
+        if d.source == "synthetic":
+            split = f"held-out synthetic pairs (seeds from {d.first_seed + 1_000_000}, n={d.val_pairs})"
+        else:
+            split = f"{d.source} {d.val_split} split ({len(val_set)} pairs)"
+        return save_model_file(
+            Path(out_dir) / cfg.model_name, module, cfg.architecture, arch_cfg, spec, vocab, name=cfg.model_name,
+            version=cfg.model_version, licence=cfg.licence,
+            training_data=cfg.training_data or describe_data(d, len(train_set), len(val_set)),
+            metrics={"split": split, **{k: round(v, 4) for k, v in metrics.items()}},
+            recipe=cfg.to_dict(), data=dataclasses.asdict(d), training=run)
+
+    task = Task(module, train_set, val_set, loss, validate, score, export, loss_parts=("loss_det", "loss_cap"),
+                val_columns=("IoU", "F1", "BLEU-4", "CIDEr-D"))
+    return fit(cfg, task, out_dir, rt, resume)
