@@ -7,7 +7,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 APT_PACKAGES := qgis python3-qgis qgis-providers gdal-bin python3-gdal python3-rasterio python3-geopandas \
 	python3-shapely python3-pyproj python3-rtree python3-scipy python3-venv python3-pip xvfb xauth \
-	default-jre-headless zip make
+	python3-matplotlib default-jre-headless zip make
 
 .PHONY: setup apt venv test test-fast demo package bench clean
 
