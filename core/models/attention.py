@@ -110,3 +110,21 @@ class LearnedPosition2D(nn.Module):
         r = self.rows(torch.arange(h, device=self.rows.weight.device))
         c = self.cols(torch.arange(w, device=self.cols.weight.device))
         return (r[:, None, :] + c[None, :, :]).reshape(h * w, -1)
+
+
+class CrossAttentionBlock(nn.Module):
+    """Post-norm cross-attention + FFN: ``h = LN(x + MHA(x, ctx, ctx))``, output ``LN(h + FFN(h))``.
+
+    The block SEN's CAGD (Eq. 6-7) and DFM's prior injection (Eq. 10) share.
+    """
+
+    def __init__(self, d: int, heads: int, ffn_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.attn = MultiHeadAttention(d, heads, dropout=dropout)
+        self.ffn = FeedForward(d, ffn_dim, dropout)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x + self.drop(self.attn(x, context)))
+        return self.norm2(h + self.drop(self.ffn(h)))

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import FeedForward, LearnedPosition2D, MultiHeadAttention
+from .attention import CrossAttentionBlock, FeedForward, LearnedPosition2D, MultiHeadAttention
 from .caption_decoder import CaptionDecoder
 from .change_detector import BITChangeDetector, BITConfig, BITFeatures, PreNormBlock
 from .vit import ClipViT
@@ -81,29 +81,14 @@ class DFMConfig:
     max_grid: int = 64
 
 
-class JFMStream(nn.Module):
-    """Inject the CD prior into one stream by post-norm cross-attention + FFN."""
-
-    def __init__(self, d: int, heads: int, ffn_dim: int, dropout: float) -> None:
-        super().__init__()
-        self.attn = MultiHeadAttention(d, heads, dropout=dropout)
-        self.ffn = FeedForward(d, ffn_dim, dropout)
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-        x = self.norm1(x + self.drop(self.attn(x, prior)))
-        return self.norm2(x + self.drop(self.ffn(x)))
-
-
 class JointFeatureModeling(nn.Module):
     """Eq. 10: CrossAttn(stream, CD prior) for both streams -> bidirectional self-attention over the
     joint sequence [direct; spatio-temporal] -> weighted fusion with softmax(weights)."""
 
     def __init__(self, d: int, heads: int, ffn_dim: int, dropout: float, layers: int) -> None:
         super().__init__()
-        self.inject_direct = nn.ModuleList([JFMStream(d, heads, ffn_dim, dropout) for _ in range(layers)])
-        self.inject_st = nn.ModuleList([JFMStream(d, heads, ffn_dim, dropout) for _ in range(layers)])
+        self.inject_direct = nn.ModuleList([CrossAttentionBlock(d, heads, ffn_dim, dropout) for _ in range(layers)])
+        self.inject_st = nn.ModuleList([CrossAttentionBlock(d, heads, ffn_dim, dropout) for _ in range(layers)])
         self.bidirectional = nn.ModuleList([PreNormBlock(d, heads, d // heads, ffn_dim, cross=False)
                                             for _ in range(layers)])
         self.stream = nn.Parameter(torch.zeros(2, d))  # tells the two streams apart in the joint sequence

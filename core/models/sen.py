@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import FeedForward, LearnedPosition2D, MultiHeadAttention
+from .attention import CrossAttentionBlock, FeedForward, LearnedPosition2D, MultiHeadAttention
 from .backbones import ResNetBackbone
 from .caption_decoder import CaptionDecoder
 
@@ -94,21 +94,6 @@ class ShallowFeatureEmbedding(nn.Module):
     def forward(self, before: torch.Tensor, after: torch.Tensor, feats: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.ca_before(self.conv(before), feats), self.ca_after(self.conv(after), feats)
-
-
-class CrossAttentionBlock(nn.Module):
-    """Eq. 6-7: ``Fmha = LN(MHA(F_m, F, F) + F_m)``, output ``LN(FFN(Fmha) + Fmha)``."""
-
-    def __init__(self, d: int, heads: int, ffn_dim: int, dropout: float) -> None:
-        super().__init__()
-        self.attn = MultiHeadAttention(d, heads, dropout=dropout)
-        self.ffn = FeedForward(d, ffn_dim, dropout)
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(x + self.drop(self.attn(x, context)))
-        return self.norm2(h + self.drop(self.ffn(h)))
 
 
 class SelfAttentionBlock(nn.Module):
