@@ -17,7 +17,6 @@ from qgis.core import (
     QgsFields,
     QgsGeometry,
     QgsProcessing,
-    QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingParameterDefinition,
     QgsProcessingParameterFeatureSink,
@@ -27,10 +26,9 @@ from qgis.core import (
     QgsRectangle,
 )
 from qgis.PyQt.QtCore import QVariant
-from qgis.PyQt.QtGui import QIcon
 
-from .main import ICON
 from .processing_support import (
+    ChangeScribeAlgorithm,
     add_model_parameters,
     check_choices,
     device_choice,
@@ -44,7 +42,7 @@ from .processing_support import (
 CAPTION_FIELD = "caption"
 
 
-class CaptionRegionsAlgorithm(QgsProcessingAlgorithm):
+class CaptionRegionsAlgorithm(ChangeScribeAlgorithm):
     BEFORE, AFTER, REGIONS = "BEFORE", "AFTER", "REGIONS"
     MODEL, MODEL_FILE, DEVICE, BEAM_SIZE = "MODEL", "MODEL_FILE", "DEVICE", "BEAM_SIZE"
     OUTPUT = "OUTPUT"
@@ -55,17 +53,8 @@ class CaptionRegionsAlgorithm(QgsProcessingAlgorithm):
     def displayName(self) -> str:  # noqa: N802
         return "Caption change in regions"
 
-    def group(self) -> str:
-        return "Change analysis"
-
-    def groupId(self) -> str:  # noqa: N802
-        return "changeanalysis"
-
     def tags(self) -> list[str]:
         return ["change", "caption", "describe", "before", "after", "bi-temporal", "polygons", "pix4cap"]
-
-    def icon(self) -> QIcon:
-        return QIcon(ICON)
 
     def shortHelpString(self) -> str:  # noqa: N802
         return ("Says in a sentence what changed inside each polygon of REGIONS between the BEFORE and the AFTER "
@@ -75,9 +64,6 @@ class CaptionRegionsAlgorithm(QgsProcessingAlgorithm):
                 f"and geometries unchanged, with a '{CAPTION_FIELD}' text field (an existing field of that name is "
                 "overwritten). Polygons outside the rasters' common footprint, or without geometry, get a NULL "
                 "caption. Needs a captioning model (Pix4Cap); the captions are only as good as the model.")
-
-    def createInstance(self) -> "CaptionRegionsAlgorithm":  # noqa: N802
-        return CaptionRegionsAlgorithm()
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802
         def add(param, help_text: str, advanced: bool = False):

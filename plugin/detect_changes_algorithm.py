@@ -10,7 +10,6 @@ from qgis.core import (
     QgsFeatureRequest,
     QgsGeometry,
     QgsProcessing,
-    QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingOutputNumber,
     QgsProcessingOutputString,
@@ -24,10 +23,9 @@ from qgis.core import (
     QgsProcessingParameterVectorDestination,
     QgsProcessingParameterVectorLayer,
 )
-from qgis.PyQt.QtGui import QIcon
 
-from .main import ICON
 from .processing_support import (
+    ChangeScribeAlgorithm,
     add_model_parameters,
     check_choices,
     crs_string,
@@ -42,7 +40,7 @@ from .processing_support import (
 from .styling import RegionsPostProcessor
 
 
-class DetectChangesAlgorithm(QgsProcessingAlgorithm):
+class DetectChangesAlgorithm(ChangeScribeAlgorithm):
     BEFORE, AFTER, MODEL, MODEL_FILE, DEVICE = "BEFORE", "AFTER", "MODEL", "MODEL_FILE", "DEVICE"
     THRESHOLD, MIN_AREA, TILE_SIZE, OVERLAP, BATCH_SIZE = "THRESHOLD", "MIN_AREA", "TILE_SIZE", "OVERLAP", "BATCH_SIZE"
     EXTENT, MASK, CAPTIONS, BEAM_SIZE = "EXTENT", "MASK", "CAPTIONS", "BEAM_SIZE"
@@ -55,17 +53,8 @@ class DetectChangesAlgorithm(QgsProcessingAlgorithm):
     def displayName(self) -> str:  # noqa: N802
         return "Detect and caption changes"
 
-    def group(self) -> str:
-        return "Change analysis"
-
-    def groupId(self) -> str:  # noqa: N802
-        return "changeanalysis"
-
     def tags(self) -> list[str]:
         return ["change", "detection", "caption", "before", "after", "bi-temporal", "remote sensing", "pix4cap"]
-
-    def icon(self) -> QIcon:
-        return QIcon(ICON)
 
     def shortHelpString(self) -> str:  # noqa: N802
         return ("Compares a BEFORE and an AFTER raster of the same place. The AFTER raster is reprojected and "
@@ -78,9 +67,6 @@ class DetectChangesAlgorithm(QgsProcessingAlgorithm):
                 "reported as change. Optionally writes the change probability raster and a one-file HTML report "
                 "with before / after / change thumbnails and all captions. Nothing is written unless the whole "
                 "run succeeds.")
-
-    def createInstance(self) -> "DetectChangesAlgorithm":  # noqa: N802
-        return DetectChangesAlgorithm()
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802
         def add(param, help_text: str, advanced: bool = False):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from qgis.core import (
     QgsProcessing,
-    QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingParameterDefinition,
     QgsProcessingParameterFolderDestination,
@@ -18,10 +17,8 @@ from qgis.core import (
     QgsProcessingOutputNumber,
     QgsProviderRegistry,
 )
-from qgis.PyQt.QtGui import QIcon
 
-from .main import ICON
-from .processing_support import import_core, processing_errors, raster_input, run_control
+from .processing_support import ChangeScribeAlgorithm, import_core, processing_errors, raster_input, run_control
 
 
 def layer_path(layer) -> str:
@@ -30,7 +27,7 @@ def layer_path(layer) -> str:
     return parts.get("path") or layer.source().split("|")[0]
 
 
-class ExportTrainingDataAlgorithm(QgsProcessingAlgorithm):
+class ExportTrainingDataAlgorithm(ChangeScribeAlgorithm):
     ANNOTATIONS, BEFORE, AFTER = "ANNOTATIONS", "BEFORE", "AFTER"
     TILE_SIZE, GSD, SEED, OUTPUT = "TILE_SIZE", "GSD", "SEED", "OUTPUT"
     CHIPS = "CHIPS"
@@ -41,17 +38,8 @@ class ExportTrainingDataAlgorithm(QgsProcessingAlgorithm):
     def displayName(self) -> str:  # noqa: N802
         return "Export annotations as training data"
 
-    def group(self) -> str:
-        return "Change analysis"
-
-    def groupId(self) -> str:  # noqa: N802
-        return "changeanalysis"
-
     def tags(self) -> list[str]:
         return ["annotation", "training", "dataset", "levir", "levir-mci", "levir-cc", "caption", "export"]
-
-    def icon(self) -> QIcon:
-        return QIcon(ICON)
 
     def shortHelpString(self) -> str:  # noqa: N802
         return ("Turns the analysts' annotations (a ChangeScribe annotation GeoPackage) and the BEFORE/AFTER "
@@ -64,9 +52,6 @@ class ExportTrainingDataAlgorithm(QgsProcessingAlgorithm):
                 "overlap or lie close together always share a split and no ground leaks into validation or test. "
                 "The folder is written completely under a temporary name first. Save (commit) edits to the "
                 "annotation layer before exporting: unsaved edits are not exported.")
-
-    def createInstance(self) -> "ExportTrainingDataAlgorithm":  # noqa: N802
-        return ExportTrainingDataAlgorithm()
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802
         def add(param, help_text: str, advanced: bool = False):

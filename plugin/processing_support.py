@@ -20,6 +20,9 @@ from qgis.core import (
     QgsProcessingParameterEnum,
     QgsProcessingParameterFile,
 )
+from qgis.PyQt.QtGui import QIcon
+
+from .main import ICON
 
 MODEL, MODEL_FILE, DEVICE = "MODEL", "MODEL_FILE", "DEVICE"
 DEVICES = ["auto", "cpu", "cuda"]
@@ -30,6 +33,22 @@ INSTALL_HELP = (
     "python3 -m pip install --user torch==2.14.1 torchvision==0.29.1 safetensors tqdm. "
     "Windows: in the OSGeo4W Shell, python -m pip install torch torchvision safetensors tqdm. "
     "macOS: /Applications/QGIS.app/Contents/MacOS/bin/python3 -m pip install torch torchvision safetensors tqdm.")
+
+
+class ChangeScribeAlgorithm(QgsProcessingAlgorithm):
+    """What every ChangeScribe algorithm shares: its toolbox group, icon and how QGIS clones it."""
+
+    def group(self) -> str:
+        return "Change analysis"
+
+    def groupId(self) -> str:  # noqa: N802 (QGIS's name)
+        return "changeanalysis"
+
+    def icon(self) -> QIcon:
+        return QIcon(ICON)
+
+    def createInstance(self) -> "ChangeScribeAlgorithm":  # noqa: N802
+        return type(self)()
 
 
 def import_core(*modules: str) -> list:
