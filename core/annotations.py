@@ -24,10 +24,10 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .atomic import atomic_path
 from .errors import ChangeScribeError
 
 LAYER = "annotations"
@@ -146,10 +146,7 @@ def create_store(path: str | os.PathLike, crs) -> Path:
         raise AnnotationStoreError(f"folder {folder} does not exist")
     if not _writable(folder):
         raise AnnotationStoreError(f"folder {folder} is read-only; create the annotation store elsewhere")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.gpkg", dir=folder)
-    os.close(fd)
-    os.unlink(tmp)  # the GPKG driver wants to create the file itself
-    try:
+    with atomic_path(path, ".tmp.gpkg") as tmp:
         schema = {"geometry": "Polygon", "properties": dict(FIELDS)}
         crs_obj = CRS.from_user_input(crs.to_wkt() if hasattr(crs, "to_wkt") else crs)
         with fiona.open(tmp, "w", driver="GPKG", layer=LAYER, schema=schema, crs=crs_obj):
@@ -164,11 +161,6 @@ def create_store(path: str | os.PathLike, crs) -> Path:
         set_wal(tmp)
         if path.exists():  # someone created it meanwhile: never overwrite
             raise AnnotationStoreError(f"{path} appeared while the store was being created; not overwritten")
-        os.replace(tmp, path)
-    finally:
-        for leftover in (tmp, tmp + "-journal", tmp + "-wal", tmp + "-shm"):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
     return path
 
 

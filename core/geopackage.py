@@ -8,12 +8,12 @@ GeoPackage standard asks, so QGIS lists it and a later tool can read what produc
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import tempfile
 from pathlib import Path
 
 import geopandas as gpd
+
+from .atomic import atomic_path
 
 REGIONS_LAYER = "change_regions"
 RUNS_TABLE = "changescribe_runs"
@@ -33,20 +33,10 @@ def write_result(path: str | Path, regions: gpd.GeoDataFrame, run: dict) -> Path
     path = Path(path)
     if path.suffix.lower() != ".gpkg":
         raise ValueError(f"output must be a .gpkg file, got {path.name}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.gpkg", dir=path.parent)
-    os.close(fd)
-    os.unlink(tmp)  # the GPKG driver wants to create the file itself
-    try:
-        regions = regions.explode(index_parts=False).reset_index(drop=True) if len(regions) else regions
+    regions = regions.explode(index_parts=False).reset_index(drop=True) if len(regions) else regions
+    with atomic_path(path, ".tmp.gpkg") as tmp:
         regions.to_file(tmp, layer=REGIONS_LAYER, driver="GPKG", schema=_schema(regions))
         _write_run_table(tmp, run)
-        os.replace(tmp, path)
-    except BaseException:
-        for leftover in (tmp, tmp + "-journal", tmp + "-wal", tmp + "-shm"):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
-        raise
     return path
 
 

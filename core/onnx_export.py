@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .model_api import ChangeModel, Prediction, check_batch, normalise
+from .model_api import ChangeModel, check_batch, normalise
 from .models.adapter import TorchChangeModel
 
 OPSET = 17
@@ -141,12 +141,6 @@ class OnnxChangeModel(ChangeModel):
         with torch.inference_mode():
             ids = dec.generate(memory, None, beam_size=beam_size, max_len=max_length or vocab.max_length)
         return vocab.decode_batch(ids)
-
-    def predict(self, before: torch.Tensor, after: torch.Tensor, with_captions: bool = False,
-                beam_size: int = 1) -> Prediction:
-        prob = self.change_probability(before, after)
-        caps = self.caption(before, after, beam_size=beam_size) if with_captions and self.can_caption else None
-        return Prediction(probability=prob, captions=caps)
 
     def describe(self) -> dict:
         d = super().describe()

@@ -20,6 +20,7 @@ import geopandas as gpd
 import rasterio
 import torch
 
+from .atomic import atomic_path
 from .captioning import describe_changes, summarise
 from .device import describe_device, resolve_device
 from .errors import ChangeScribeError
@@ -160,15 +161,7 @@ def _check_reusable(path: Path, pair: AlignedPair) -> InferenceStats:
 
 def _move_atomic(src: Path, dst: Path) -> Path:
     """Copy next to the destination, then rename: the destination is either absent or complete."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.stem}.", suffix=".tmp.tif", dir=dst.parent)
-    os.close(fd)
-    try:
+    with atomic_path(dst, ".tmp.tif") as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return dst
 

@@ -14,7 +14,6 @@ import html
 import io
 import os
 import struct
-import tempfile
 import zlib
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +30,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 from rasterio.windows import from_bounds as window_from_bounds
 
+from .atomic import atomic_path
 from .errors import InputError
 from .raster_pair import data_bands
 from .version import VERSION
@@ -294,15 +294,6 @@ def _regions_table(regions) -> list[str]:
 
 
 def _write_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.html", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the report from other users
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path, ".tmp.html") as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
     return path

@@ -39,6 +39,8 @@ anything heavy beyond torch, so that it runs on a headless GPU server.
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import csv
 import datetime
@@ -292,6 +294,26 @@ class RunLog:
         if self.tb is not None:
             self.tb.close()
 
+
+
+def export_model_file(cfg: TrainConfig, out_dir: str | Path, module, arch_cfg, spec, vocabulary, metrics: dict,
+                      run: dict, n_train: int, val_set) -> Path:
+    """The best weights as a model file whose card says what data, split and recipe produced them."""
+    from changescribe.core.model_file import save_model_file
+
+    from .datasets import describe_data
+
+    d = cfg.data
+    if d.source == "synthetic":
+        split = f"held-out synthetic pairs (seeds from {d.first_seed + 1_000_000}, n={d.val_pairs})"
+    else:
+        split = f"{d.source} {d.val_split} split ({len(val_set)} pairs)"
+    return save_model_file(
+        Path(out_dir) / cfg.model_name, module, cfg.architecture, arch_cfg, spec, vocabulary, name=cfg.model_name,
+        version=cfg.model_version, licence=cfg.licence,
+        training_data=cfg.training_data or describe_data(d, n_train, len(val_set)),
+        metrics={"split": split, **{k: round(v, 4) for k, v in metrics.items()}},
+        recipe=cfg.to_dict(), data=dataclasses.asdict(d), training=run)
 
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..model_api import ChangeModel, InputSpec, Prediction
+from ..model_api import ChangeModel, InputSpec
 
 
 class PairedChangeModel(ChangeModel):
@@ -70,12 +70,6 @@ class PairedChangeModel(ChangeModel):
             raise NotImplementedError(f"model {self.name!r} does not caption")
         dev = self.captioner.device
         return self.captioner.caption(before.to(dev), after.to(dev), beam_size=beam_size, max_length=max_length)
-
-    def predict(self, before: torch.Tensor, after: torch.Tensor, with_captions: bool = False,
-                beam_size: int = 1) -> Prediction:
-        prob = self.change_probability(before, after)
-        caps = self.caption(before, after, beam_size=beam_size) if with_captions and self.can_caption else None
-        return Prediction(probability=prob, captions=caps)
 
     def describe(self) -> dict:
         d = super().describe()

@@ -25,13 +25,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from changescribe.core.model_api import InputSpec, normalise
-from changescribe.core.model_file import save_model_file
 from changescribe.core.models.adapter import TorchChangeModel
 from changescribe.core.models.registry import build_model, get_entry
 
 from ..config import TrainConfig
-from ..datasets import build_dataset, collate, describe_data
-from ..engine import Runtime, Task, fit, runtime, seed_everything
+from ..datasets import build_dataset, collate
+from ..engine import Runtime, Task, export_model_file, fit, runtime, seed_everything
 from ..losses import cd_loss
 from ..metrics import MaskScores
 
@@ -82,16 +81,7 @@ def _train(cfg: TrainConfig, out_dir: str | Path, rt: Runtime, resume: bool) -> 
         return -math.inf if math.isnan(f1) else f1
 
     def export(module, metrics: dict[str, float], run: dict) -> Path:
-        if d.source == "synthetic":
-            split = f"held-out synthetic pairs (seeds from {d.first_seed + 1_000_000}, n={d.val_pairs})"
-        else:
-            split = f"{d.source} {d.val_split} split ({len(val_set)} pairs)"
-        return save_model_file(
-            Path(out_dir) / cfg.model_name, module, cfg.architecture, arch_cfg, spec, None, name=cfg.model_name,
-            version=cfg.model_version, licence=cfg.licence,
-            training_data=cfg.training_data or describe_data(d, len(train_set), len(val_set)),
-            metrics={"split": split, **{k: round(v, 4) for k, v in metrics.items()}},
-            recipe=cfg.to_dict(), data=dataclasses.asdict(d), training=run)
+        return export_model_file(cfg, out_dir, module, arch_cfg, spec, None, metrics, run, len(train_set), val_set)
 
     parts = ("loss_ce",) if cfg.loss == "ce" else ("loss_ce", "loss_dice")
     task = Task(module, train_set, val_set, loss, validate, score, export, loss_parts=parts,

@@ -24,16 +24,15 @@ from pathlib import Path
 import torch
 
 from changescribe.core.model_api import InputSpec, normalise
-from changescribe.core.model_file import save_model_file
 from changescribe.core.models.adapter import TorchChangeModel
 from changescribe.core.models.registry import build_model, get_entry
 from changescribe.core.vocabulary import Vocabulary
 
 from ..config import TrainConfig
-from ..datasets import build_dataset, describe_data
+from ..datasets import build_dataset
 from ..datasets.augment import check_for_captions
 from ..datasets.levir import CAPTIONS_FILE, read_captions
-from ..engine import Runtime, Task, fit, runtime, seed_everything
+from ..engine import Runtime, Task, export_model_file, fit, runtime, seed_everything
 from ..evaluate import evaluate
 from ..losses import pix4cap_loss
 
@@ -117,16 +116,7 @@ def _train(cfg: TrainConfig, out_dir: str | Path, rt: Runtime, resume: bool) -> 
         return (0.0 if math.isnan(iou) else iou) + m.get("BLEU-4", 0.0)
 
     def export(module, metrics: dict[str, float], run: dict) -> Path:
-        if d.source == "synthetic":
-            split = f"held-out synthetic pairs (seeds from {d.first_seed + 1_000_000}, n={d.val_pairs})"
-        else:
-            split = f"{d.source} {d.val_split} split ({len(val_set)} pairs)"
-        return save_model_file(
-            Path(out_dir) / cfg.model_name, module, cfg.architecture, arch_cfg, spec, vocab, name=cfg.model_name,
-            version=cfg.model_version, licence=cfg.licence,
-            training_data=cfg.training_data or describe_data(d, len(train_set), len(val_set)),
-            metrics={"split": split, **{k: round(v, 4) for k, v in metrics.items()}},
-            recipe=cfg.to_dict(), data=dataclasses.asdict(d), training=run)
+        return export_model_file(cfg, out_dir, module, arch_cfg, spec, vocab, metrics, run, len(train_set), val_set)
 
     task = Task(module, train_set, val_set, loss, validate, score, export, loss_parts=("loss_det", "loss_cap"),
                 val_columns=("IoU", "F1", "BLEU-4", "CIDEr-D"))
