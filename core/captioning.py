@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import geopandas as gpd
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -78,34 +77,54 @@ def caption_areas(pair: AlignedPair, model: ChangeModel, areas: Iterable[Bounds]
     return caption_windows(pair, model, [area_window(pair, b, ctx) for b in areas], beam_size, control)
 
 
-def summarise(regions: gpd.GeoDataFrame, report: AlignmentReport) -> str:
+def summarise(count: int, total_area_m2: float, report: AlignmentReport) -> str:
     """One plain sentence of what the mask says, independent of any captioner."""
-    n = len(regions)
-    if n == 0:
+    if count == 0:
         return f"no change detected over {report.overlap_area_m2 / 1e6:.3f} km²"
-    total = float(regions["area_m2"].sum())
-    share = 100.0 * total / max(report.overlap_area_m2, 1e-9)
-    area = f"{total / 1e4:.2f} ha" if total >= 1e4 else f"{total:.0f} m²"
-    noun = "region" if n == 1 else "regions"
-    return (f"{n} changed {noun} covering {area} ({share:.1f} % of the "
+    share = 100.0 * total_area_m2 / max(report.overlap_area_m2, 1e-9)
+    area = f"{total_area_m2 / 1e4:.2f} ha" if total_area_m2 >= 1e4 else f"{total_area_m2:.0f} m²"
+    noun = "region" if count == 1 else "regions"
+    return (f"{count} changed {noun} covering {area} ({share:.1f} % of the "
             f"{report.overlap_area_m2 / 1e6:.3f} km² compared)")
 
 
-def describe_changes(pair: AlignedPair, model: ChangeModel, regions: gpd.GeoDataFrame, captions: bool = True,
-                     beam_size: int = 1, control: RunControl | None = None) -> tuple[str, list[str]]:
-    """Scene caption and one caption per region.
+class RegionCaptioner:
+    """Captions regions batch by batch as the pipeline finds them, then the scene once they are all known.
 
     A scene up to about two model footprints wide is captioned whole; a larger one gets the mask summary plus
-    the caption of its largest region (captioning a whole big scene at model size would see nothing).
+    the caption of its largest region (captioning a whole big scene at model size would see nothing), which is
+    remembered on the way so no region has to be kept.
     """
-    if not (captions and model.can_caption):
-        return "", [""] * len(regions)
-    ctx = context_pixels(pair, model)
-    windows = [area_window(pair, geom.bounds, ctx) for geom in regions.geometry]
-    scene_small = max(pair.width, pair.height) <= 2 * ctx
-    if scene_small or not windows:
-        windows = [Window(0, 0, pair.width, pair.height)] + windows
-    out = caption_windows(pair, model, windows, beam_size, control)
-    if scene_small or not len(regions):
-        return out[0], out[1:]
-    return f"{summarise(regions, pair.report)}; largest: {out[0]}", out
+
+    def __init__(self, pair: AlignedPair, model: ChangeModel, enabled: bool = True, beam_size: int = 1,
+                 control: RunControl | None = None):
+        self.pair, self.model, self.beam_size = pair, model, beam_size
+        self.enabled = bool(enabled and model.can_caption)
+        # Progress belongs to the stage that feeds the batches; captioning here only honours cancellation.
+        self._control = RunControl(is_cancelled=(control or RunControl()).is_cancelled)
+        self._ctx = context_pixels(pair, model) if self.enabled else 0
+        self._largest = (-1.0, "")
+
+    def caption(self, geoms: Iterable, areas: Iterable[float]) -> list[str]:
+        """One caption per region of a batch ("" each when captioning is off)."""
+        geoms, areas = list(geoms), [float(a) for a in areas]
+        if not self.enabled or not geoms:
+            return [""] * len(geoms)
+        windows = [area_window(self.pair, g.bounds, self._ctx) for g in geoms]
+        out = caption_windows(self.pair, self.model, windows, self.beam_size, self._control)
+        i = int(np.argmax(areas))
+        if areas[i] > self._largest[0]:
+            self._largest = (areas[i], out[i])
+        return out
+
+    def scene(self, count: int, total_area_m2: float) -> tuple[str, str]:
+        """(scene caption, summary) once every region has been seen; the summary stands in without a captioner."""
+        summary = summarise(count, total_area_m2, self.pair.report)
+        if not self.enabled:
+            return summary, summary
+        if max(self.pair.width, self.pair.height) <= 2 * self._ctx or count == 0:
+            whole = Window(0, 0, self.pair.width, self.pair.height)
+            caption = caption_windows(self.pair, self.model, [whole], self.beam_size, self._control)[0]
+        else:
+            caption = f"{summary}; largest: {self._largest[1]}"
+        return caption or summary, summary

@@ -31,7 +31,7 @@ def _detect(args: argparse.Namespace) -> int:
                                 min_area=args.min_area, tile_size=args.tile_size, overlap=args.overlap,
                                 batch_size=args.batch_size, device=args.device, target_gsd=gsd,
                                 probability_output=args.probability, captions=not args.no_captions,
-                                beam_size=args.beam_size, control=control)
+                                beam_size=args.beam_size, control=control, detector=args.detector)
     finally:
         bar.close()
     if args.json:
@@ -82,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=int, default=8)
     d.add_argument("--gsd", default=None, help="resample to this GSD in metres, or 'model' for the model's")
     d.add_argument("--probability", default=None, help="also write the probability raster (GeoTIFF) here")
-    d.add_argument("--beam-size", type=int, default=1, help="caption beam size (1 = greedy)")
+    d.add_argument("--beam-size", type=int, default=None,
+                   help="caption beam size (1 = greedy; default: the model's own, e.g. 3 for SEN, else 1)")
+    d.add_argument("--detector", default=None, metavar="NAME_OR_PATH",
+                   help="change detector (model name or card path) that makes the mask: replaces a captioner's "
+                        "card pairing ('pair_with'), or the captioning model's own change head")
     d.add_argument("--no-captions", action="store_true", help="masks and polygons only")
     d.add_argument("--json", action="store_true", help="print the result as one JSON line")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

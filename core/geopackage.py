@@ -1,46 +1,124 @@
-"""Writing the result GeoPackage atomically: a half-written file must never appear at the user's path.
+"""The result GeoPackage: change regions appended as they are found, and a record of the run.
 
-The regions go to a layer ``change_regions``; the scene caption and the run's metadata go to an attribute
-(non-spatial) table ``changescribe_runs`` in the same file, registered in ``gpkg_contents`` as the
-GeoPackage standard asks, so QGIS lists it and a later tool can read what produced the layer.
+The regions go to a layer ``change_regions``, written batch by batch (each batch one transaction), so a run
+never holds all its regions; the scene caption and the run's metadata go to an attribute (non-spatial) table
+``changescribe_runs`` in the same file, registered in ``gpkg_contents`` as the GeoPackage standard asks, so QGIS
+lists it and a later tool can read what produced the layer. The pipeline writes into a temporary file that is
+renamed into place only when the run succeeds (:mod:`.atomic`).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
+import fiona
 import geopandas as gpd
-
-from .atomic import atomic_path
+import numpy as np
+from pyproj import CRS
+from shapely.geometry import mapping
 
 REGIONS_LAYER = "change_regions"
 RUNS_TABLE = "changescribe_runs"
 
-_FIELD_TYPES = {"int64": "int", "float64": "float", "object": "str", "bool": "bool", "int32": "int"}
+# The regions layer's fields, in order: what each region gets from the polygon stage, its caption, and the
+# run it came from (the same for every region of a run).
+REGION_FIELDS = {"region_id": "int", "area_m2": "float", "mean_prob": "float", "max_prob": "float",
+                 "caption": "str", "before": "str", "after": "str", "model_name": "str", "model_version": "str",
+                 "threshold": "float", "created": "str"}
 
 
-def _schema(gdf: gpd.GeoDataFrame) -> dict:
-    props = {}
-    for col, dtype in gdf.drop(columns=gdf.geometry.name).dtypes.items():
-        props[col] = _FIELD_TYPES.get(str(dtype), "str")
-    return {"geometry": "Polygon", "properties": props}
+@dataclass(frozen=True)
+class RegionLayer:
+    """The change regions of a run, on disk: counted and summed while written, read back only on request."""
+
+    path: Path
+    crs: CRS
+    count: int
+    total_area_m2: float
+
+    def __len__(self) -> int:
+        return self.count
+
+    def read(self, rows: slice | None = None) -> gpd.GeoDataFrame:
+        """The regions (or a slice of them, in region order) as a frame; whole only for small results."""
+        return gpd.read_file(self.path, layer=REGIONS_LAYER, rows=rows)
+
+    def batches(self, size: int = 2000) -> Iterator[gpd.GeoDataFrame]:
+        """All regions, ``size`` at a time: what a consumer of a large result should iterate."""
+        for start in range(0, self.count, size):
+            yield self.read(slice(start, start + size))
+
+    def largest(self, n: int) -> gpd.GeoDataFrame:
+        """The ``n`` largest regions, largest first (ties by region_id): a table of a large result."""
+        con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        try:
+            fids = [r[0] for r in con.execute(f"SELECT fid FROM {REGIONS_LAYER} ORDER BY area_m2 DESC, region_id "
+                                              "LIMIT ?", (int(n),))]
+        finally:
+            con.close()
+        if not fids:
+            return self.read(slice(0, 0))
+        frame = gpd.read_file(self.path, layer=REGIONS_LAYER, where=f"fid IN ({','.join(map(str, fids))})")
+        return frame.sort_values(["area_m2", "region_id"], ascending=[False, True], kind="stable",
+                                 ignore_index=True)
+
+    def own_folder(self, folder: Path) -> None:
+        """Remove ``folder`` (a scratch copy of the regions) when this object is garbage-collected or at exit."""
+        weakref.finalize(self, shutil.rmtree, folder, True)
 
 
-def write_result(path: str | Path, regions: gpd.GeoDataFrame, run: dict) -> Path:
-    """Write regions + one run record to ``path`` via a temporary file in the same folder, then rename."""
-    path = Path(path)
-    if path.suffix.lower() != ".gpkg":
-        raise ValueError(f"output must be a .gpkg file, got {path.name}")
-    regions = regions.explode(index_parts=False).reset_index(drop=True) if len(regions) else regions
-    with atomic_path(path, ".tmp.gpkg") as tmp:
-        regions.to_file(tmp, layer=REGIONS_LAYER, driver="GPKG", schema=_schema(regions))
-        _write_run_table(tmp, run)
-    return path
+class RegionWriter:
+    """Appends batches of regions to a new GeoPackage's regions layer; every region gets ``constants`` too."""
+
+    def __init__(self, path: str | Path, crs_wkt: str, constants: dict | None = None):
+        self.path = Path(path)
+        self.crs = CRS.from_wkt(crs_wkt)
+        self.constants = {k: v for k, v in (constants or {}).items() if k in REGION_FIELDS}
+        self.count = 0
+        self.total_area_m2 = 0.0
+        self._sink = fiona.open(self.path, "w", driver="GPKG", layer=REGIONS_LAYER, crs_wkt=crs_wkt,
+                                schema={"geometry": "Polygon", "properties": dict(REGION_FIELDS)})
+
+    def append(self, regions: gpd.GeoDataFrame) -> None:
+        """Write one batch in one transaction; other columns are ignored, missing fields left empty."""
+        cols = [c for c in REGION_FIELDS if c in regions.columns and c not in self.constants]
+        values = regions[cols].to_dict("records")
+        blank = dict.fromkeys(REGION_FIELDS)
+        records = [{"geometry": mapping(geom), "properties": {**blank, **_plain(row), **self.constants}}
+                   for geom, row in zip(regions.geometry, values)]
+        self._sink.writerecords(records)
+        self.count += len(records)
+        if "area_m2" in regions.columns:
+            self.total_area_m2 += float(regions["area_m2"].sum())
+
+    def close(self) -> None:
+        self._sink.close()
+
+    def layer(self, path: str | Path | None = None) -> RegionLayer:
+        """The written layer, at ``path`` if the file was (or will be) moved there."""
+        return RegionLayer(Path(path) if path is not None else self.path, self.crs, self.count,
+                           self.total_area_m2)
+
+    def __enter__(self) -> "RegionWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def _write_run_table(gpkg: str, run: dict) -> None:
+def _plain(row: dict) -> dict:
+    """numpy scalars to Python ones, which is what OGR field setters take."""
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
+
+
+def write_run(gpkg: str | Path, run: dict) -> None:
+    """Add the run record (scene caption, metadata) to a GeoPackage that already holds the regions layer."""
     con = sqlite3.connect(gpkg)
     try:
         with con:

@@ -165,6 +165,7 @@ def load_model_file(path: str | Path, device: str = "cpu") -> "TorchChangeModel"
 
     from .model_api import InputSpec
     from .models.adapter import TorchChangeModel
+    from .models.pretrained import model_file_weights
     from .models.registry import UnknownModelError, build_model, config_from_dict
     from .vocabulary import Vocabulary
 
@@ -183,7 +184,8 @@ def load_model_file(path: str | Path, device: str = "cpu") -> "TorchChangeModel"
     try:
         config = config_from_dict(arch, card["config"])
         vocab = Vocabulary.from_dict(card["vocabulary"]) if card.get("vocabulary") else None
-        module, _ = build_model(arch, config)
+        with model_file_weights():  # init-only checkpoints named in the config are not read: the file has them
+            module, _ = build_model(arch, config)
     except UnknownModelError as e:
         raise ModelFileError(f"{card['_card_path']}: {e}") from None
     except (TypeError, ValueError, KeyError) as e:

@@ -147,19 +147,25 @@ def to_display(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def draw_regions(rgb: np.ndarray, regions, crs: CRS, transform, alpha: float = 0.35) -> np.ndarray:
-    """The regions over ``rgb``: a light red fill and a red outline (2 px, so it survives decimation)."""
+    """The regions over ``rgb``: a light red fill and a red outline (2 px, so it survives decimation).
+
+    ``regions`` is a :class:`~.geopackage.RegionLayer`, burnt a batch at a time so a large result is never
+    read whole.
+    """
     out = rgb.copy()
     if regions is None or len(regions) == 0:
         return out
-    if getattr(regions, "crs", None) is not None and CRS.from_user_input(regions.crs) != crs:
-        regions = regions.to_crs(crs.to_wkt())
-    geoms = [g for g in regions.geometry if g is not None and not g.is_empty]
-    if not geoms:
-        return out
     shape = rgb.shape[:2]
-    fill = rasterize([(g, 1) for g in geoms], out_shape=shape, transform=transform, fill=0, dtype="uint8") > 0
-    edge = rasterize([(g.boundary, 1) for g in geoms], out_shape=shape, transform=transform, fill=0,
-                     all_touched=True, dtype="uint8") > 0
+    fill = np.zeros(shape, np.uint8)
+    edge = np.zeros(shape, np.uint8)
+    for batch in regions.batches():
+        if batch.crs is not None and CRS.from_user_input(batch.crs) != crs:
+            batch = batch.to_crs(crs.to_wkt())
+        geoms = [g for g in batch.geometry if g is not None and not g.is_empty]
+        if geoms:
+            rasterize([(g, 1) for g in geoms], out=fill, transform=transform)
+            rasterize([(g.boundary, 1) for g in geoms], out=edge, transform=transform, all_touched=True)
+    fill, edge = fill > 0, edge > 0
     thick = edge.copy()
     thick[1:, :] |= edge[:-1, :]
     thick[:, 1:] |= edge[:, :-1]
@@ -275,8 +281,8 @@ def _regions_table(regions) -> list[str]:
     out = [f"<h2>Change regions ({n})</h2>"]
     if n == 0:
         return out + ["<p>No change region.</p>"]
-    cols = set(regions.columns)
-    rows = regions.head(MAX_TABLE_ROWS)
+    rows = regions.largest(MAX_TABLE_ROWS)
+    cols = set(rows.columns)
     out.append("<table id=\"regions\"><thead><tr><th>id</th><th>area (m²)</th><th>mean probability</th>"
                "<th>max probability</th><th>caption</th></tr></thead><tbody>")
     for i, (_, row) in enumerate(rows.iterrows()):
@@ -289,7 +295,8 @@ def _regions_table(regions) -> list[str]:
             f"<td>{e(row['caption']) if 'caption' in cols and isinstance(row['caption'], str) else ''}</td></tr>")
     out.append("</tbody></table>")
     if n > MAX_TABLE_ROWS:
-        out.append(f"<p>{n - MAX_TABLE_ROWS} more regions are in the GeoPackage.</p>")
+        out.append(f"<p>The {MAX_TABLE_ROWS} largest are listed; {n - MAX_TABLE_ROWS} more regions are in the "
+                   "GeoPackage.</p>")
     return out
 
 

@@ -106,9 +106,10 @@ class DetectChangesAlgorithm(ChangeScribeAlgorithm):
         add(QgsProcessingParameterBoolean(self.CAPTIONS, "Caption the scene and each region", True),
             "With a captioning model, describe the scene and each region in a sentence. Off: regions only (faster).",
             advanced=True)
-        add(QgsProcessingParameterNumber(self.BEAM_SIZE, "Caption beam size", QgsProcessingParameterNumber.Integer,
-                                         1, minValue=1, maxValue=10),
-            "Beam search width for the captions: 1 is greedy decoding (fastest); 3 is the papers' setting.",
+        add(QgsProcessingParameterNumber(self.BEAM_SIZE, "Caption beam size (0 = the model's own)",
+                                         QgsProcessingParameterNumber.Integer, 0, minValue=0, maxValue=10),
+            "Beam search width for the captions: 0 uses the model's own setting from its card (e.g. 3 for SEN, "
+            "greedy for the shipped model); 1 is greedy decoding (fastest); 3 is the papers' setting.",
             advanced=True)
         add(QgsProcessingParameterVectorDestination(self.OUTPUT, "Change regions", QgsProcessing.TypeVectorPolygon),
             "GeoPackage (.gpkg) to write: layer change_regions (region_id, area_m2, mean_prob, max_prob, caption and "
@@ -155,7 +156,7 @@ class DetectChangesAlgorithm(ChangeScribeAlgorithm):
                 batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
                 device=device_choice(self, parameters, context), probability_output=prob,
                 captions=self.parameterAsBool(parameters, self.CAPTIONS, context),
-                beam_size=self.parameterAsInt(parameters, self.BEAM_SIZE, context),
+                beam_size=self.parameterAsInt(parameters, self.BEAM_SIZE, context) or None,
                 area_of_interest=area, control=control)
             if report:
                 feedback.setProgressText("writing the report")

@@ -88,3 +88,103 @@ def test_regions_are_valid_single_polygons_even_for_corner_touching_pixels(tmp_p
     assert regions.geometry.is_valid.all()
     assert (regions.geometry.geom_type == "Polygon").all()
     assert regions.region_id.is_unique
+
+
+# --- streaming: regions are finished strip by strip, never all held -----------------------------------------
+
+
+def many_regions(rows: int = 640, cols: int = 96, seed: int = 4) -> np.ndarray:
+    """Small separate blocks all the way down, plus shapes that cross several 32-row seams."""
+    rng = np.random.default_rng(seed)
+    prob = np.zeros((rows, cols), np.float32)
+    for top in range(0, rows - 8, 8):  # one block every 8 rows, never touching the next one
+        c = int(rng.integers(0, cols - 40))
+        prob[top + 1: top + 1 + int(rng.integers(3, 6)), c: c + int(rng.integers(3, 30))] = 0.9
+    prob[:, 80:84] = 0.0           # keep the long shapes clear of the blocks
+    prob[5:300, 86:90] = 0.8       # a bar across 9 seams
+    prob[320:500, 86:88] = 0.7     # a U: two legs across seams, joined at the bottom only
+    prob[320:500, 92:94] = 0.7
+    prob[500:504, 86:94] = 0.7
+    return prob
+
+
+def test_streamed_regions_equal_the_unstriped_polygonization(tmp_path):
+    prob = many_regions()
+    path = prob_raster(tmp_path, prob)
+    whole = change_regions(path, 0.5, strip=10_000)        # one strip: no seam, nothing to merge
+    streamed = change_regions(path, 0.5, strip=32)          # 20 strips
+    assert len(whole) > 70 and len(streamed) == len(whole)
+    assert list(streamed.region_id) == list(range(1, len(streamed) + 1))
+    with rasterio.open(path) as src:
+        transform = src.transform
+
+    def burn(frame):
+        return rasterize([(g, i) for g, i in zip(frame.geometry, frame.region_id)], out_shape=prob.shape,
+                         transform=transform, dtype="int32")
+
+    # The same pixels belong to one region in both, with the same area and statistics.
+    a, b = burn(whole), burn(streamed)
+    assert np.array_equal(a > 0, b > 0)
+    pairs = {(int(x), int(y)) for x, y in zip(a[a > 0], b[a > 0])}
+    assert len(pairs) == len(whole) == len({x for x, _ in pairs}) == len({y for _, y in pairs})
+    w = whole.set_index("region_id")
+    s = streamed.set_index("region_id")
+    for x, y in pairs:
+        assert s.area_m2[y] == pytest.approx(w.area_m2[x], rel=0.02)
+        assert s.mean_prob[y] == pytest.approx(w.mean_prob[x], abs=1e-3)
+        assert s.max_prob[y] == w.max_prob[x]
+    # and raw polygons, before simplification, are the very same geometries
+    raw_whole, _ = polygonize(path, 0.5, strip=10_000)
+    raw_strips, _ = polygonize(path, 0.5, strip=32)
+    key = lambda g: (round(-g.bounds[3], 6), round(g.bounds[0], 6))  # noqa: E731
+    assert all(p.equals(q) for p, q in zip(sorted(raw_whole, key=key), sorted(raw_strips, key=key)))
+
+
+def test_a_region_across_many_seams_is_one_polygon(tmp_path):
+    prob = np.zeros((200, 40), np.float32)
+    prob[3:190, 5:9] = 0.9        # a bar across 11 seams of 16 rows
+    prob[20:150, 20:23] = 0.9     # a U: two legs, each across seams, meeting only at the bottom
+    prob[20:150, 30:33] = 0.9
+    prob[147:150, 20:33] = 0.9
+    path = prob_raster(tmp_path, prob)
+    regions = change_regions(path, 0.5, strip=16, simplify_px=0)
+    assert len(regions) == 2
+    bar, u = sorted(regions.geometry, key=lambda g: g.bounds[0])  # the bar is the westernmost
+    assert bar.geom_type == u.geom_type == "Polygon"
+    assert bar.area == pytest.approx(187 * 4 * 0.25) and u.area == pytest.approx((2 * 130 * 3 + 3 * 7) * 0.25)
+
+
+def test_polygons_held_at_once_are_bounded_by_a_strip_not_the_raster(tmp_path):
+    from changescribe.core.regions import StreamCounters, iter_regions
+
+    short, tall = many_regions(rows=320), many_regions(rows=1280)
+    counts = []
+    for prob in (short, tall):
+        counters = StreamCounters()
+        frames = list(iter_regions(prob_raster(tmp_path, prob), 0.5, strip=32, counters=counters))
+        ids = np.concatenate([f.region_id.to_numpy() for f in frames])
+        assert np.array_equal(ids, np.arange(1, len(ids) + 1))  # raster order, numbered as they finish
+        assert len(frames) > 1 and max(len(f) for f in frames) <= 8
+        counts.append((counters.polygons, counters.peak_held))
+    (few, held_few), (many, held_many) = counts
+    assert many > 3 * few > 100
+    # 32 rows hold at most 4 blocks; the rest are the pieces of the long shapes, held until they end (the bar spans
+    # 10 strips). Four times the regions, the same bound:
+    assert held_few <= 16 and held_many <= 16
+
+
+def test_statistics_of_a_region_larger_than_a_strip_are_read_in_bands(tmp_path, monkeypatch):
+    import changescribe.core.regions as regions_mod
+
+    rng = np.random.default_rng(2)
+    prob = np.where(rng.random((300, 120)) < 0.5, 0.6, 0.95).astype(np.float32)
+    prob[:, :10] = 0.0
+    prob[100:110, 50:60] = -1.0  # nodata inside the region is not counted
+    path = prob_raster(tmp_path, prob)
+    geoms, _ = polygonize(path, 0.5, cleanup=0)
+    whole = regions_mod.region_statistics(path, geoms)
+    monkeypatch.setattr(regions_mod, "STRIP_PIXELS", 7 * 110)  # bands of 7 rows
+    banded = regions_mod.region_statistics(path, geoms)
+    inside = prob[prob >= 0.5]
+    assert whole[0][0] == pytest.approx(inside.mean(), rel=1e-6) and whole[1][0] == pytest.approx(0.95)
+    np.testing.assert_allclose(banded, whole, rtol=1e-9)

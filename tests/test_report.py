@@ -5,8 +5,10 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 import geopandas as gpd
@@ -15,6 +17,7 @@ import pytest
 import rasterio
 from shapely.geometry import box
 
+from changescribe.core.geopackage import RegionWriter
 from changescribe.core.inference import InferenceStats
 from changescribe.core.pipeline import ChangeResult
 from changescribe.core.raster_pair import AlignmentReport
@@ -43,7 +46,14 @@ def make_result(before: Path, regions_bounds: list[tuple[float, float, float, fl
     alignment = AlignmentReport(crs=str(crs), before_res=(0.5, 0.5), after_res=(0.5, 0.5), output_res=(0.5, 0.5),
                                 after_reprojected=False, before_resampled=False, after_resampled=False,
                                 clipped=False, width=192, height=192, overlap_area_m2=192 * 192 * 0.25)
-    return ChangeResult(output=None, regions=regions, scene_caption=SCENE, summary="1 changed region",
+    # The result's regions live in a GeoPackage, as a run leaves them (beside the inputs: each test's tmp_path
+    # must hold only what the report writes).
+    fd, gpkg = tempfile.mkstemp(suffix=".gpkg", dir=Path(before).parent)
+    os.close(fd)
+    os.unlink(gpkg)
+    with RegionWriter(gpkg, crs.to_wkt()) as writer:
+        writer.append(regions)
+    return ChangeResult(output=None, regions=writer.layer(), scene_caption=SCENE, summary="1 changed region",
                         alignment=alignment, probability=None,
                         stats=InferenceStats(tiles=1, seconds=0.1, model_seconds=0.1, batch_size=1, device="cpu"),
                         metadata={"model": {"name": "test-model", "version": "1"}, "threshold": 0.5})

@@ -180,6 +180,58 @@ def test_photometric_jitter_differs_per_date_and_leaves_the_mask():
     assert torch.equal(out["mask"], item["mask"])
 
 
+def _blocks(size: int = 64, seed: int = 0) -> dict:
+    """Blocks of 8 px: a mask whose changed blocks are bright in the images, plus an unlabelled block."""
+    g = torch.Generator().manual_seed(seed)
+    cells = torch.rand(size // 8, size // 8, generator=g) > 0.5
+    mask = cells.repeat_interleave(8, 0).repeat_interleave(8, 1).to(torch.uint8)
+    img = (mask * 200 + 20).to(torch.uint8)[None].repeat(3, 1, 1)
+    mask[:8, :8] = 255  # unlabelled pixels
+    return {"before": img, "after": img.clone(), "mask": mask, "classes": mask.clone(), "captions": ["x"],
+            "name": "b"}
+
+
+def test_random_resized_crop_is_the_same_on_both_dates_and_the_mask():
+    aug = BiTemporalAugment(AugmentConfig(crop=True, crop_scale=(0.4, 0.9)), torch.Generator().manual_seed(1))
+    item = _blocks()
+    seen = set()
+    for _ in range(12):
+        out = aug(item)
+        assert out["before"].shape == (3, 64, 64) and out["before"].dtype == torch.uint8
+        assert out["mask"].shape == (64, 64) and out["mask"].dtype == torch.uint8
+        assert torch.equal(out["before"], out["after"])  # one window for both dates
+        assert set(out["mask"].unique().tolist()) <= {0, 1, 255}  # nearest: labels stay labels
+        assert torch.equal(out["classes"], out["mask"])
+        labelled = out["mask"] != 255
+        bright = out["before"][0] > 120
+        # the images' blocks sit where the mask's do (measured >= 0.997; plain nearest, half a pixel off: 0.95)
+        agree = (bright == out["mask"].bool())[labelled].float().mean()
+        assert agree > 0.99, float(agree)
+        seen.add(out["mask"].numpy().tobytes())
+    assert len(seen) >= 10 and not torch.equal(out["mask"], item["mask"])  # windows vary, and they zoom
+    assert torch.equal(item["mask"], _blocks()["mask"])  # the input is not modified
+    with pytest.raises(ValueError, match="crop_scale"):
+        BiTemporalAugment(AugmentConfig(crop=True, crop_scale=(0.5, 1.5)))(item)
+
+
+def test_gaussian_blur_changes_the_images_not_the_mask():
+    item = _blocks(seed=2)
+    out = BiTemporalAugment(AugmentConfig(blur=True, blur_sigma=(0.8, 1.0)), torch.Generator().manual_seed(0))(item)
+    assert not torch.equal(out["before"], item["before"]) and torch.equal(out["mask"], item["mask"])
+    assert torch.equal(out["before"], out["after"])  # BIT: one sigma for the pair
+    # a blur: edges soften, flat areas and the mean stay
+    assert out["before"].float().mean().sub(item["before"].float().mean()).abs() < 1.0
+    grad = lambda x: x[0].float().diff(dim=-1).abs().max()  # noqa: E731
+    assert grad(out["before"]) < grad(item["before"])
+    per_date = BiTemporalAugment(AugmentConfig(blur=True, blur_sigma=(0.3, 1.0), blur_per_date=True),
+                                 torch.Generator().manual_seed(0))(item)
+    assert not torch.equal(per_date["before"], per_date["after"]) and torch.equal(per_date["mask"], item["mask"])
+    # captions: blur is fine, a crop is refused
+    check_for_captions(AugmentConfig(blur=True), "pix4cap")
+    with pytest.raises(ValueError, match="crop"):
+        check_for_captions(AugmentConfig(crop=True), "pix4cap")
+
+
 def test_time_swap_and_its_refusal_for_captions():
     item = _pattern()
     item["after"] = 255 - item["after"]

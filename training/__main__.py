@@ -1,8 +1,10 @@
 """``python -m changescribe.training <recipe> --config FILE --out DIR``: train one recipe, export a model file.
 
-Recipes: ``pix4cap`` (change mask + caption), ``cd-bit`` (BIT change detector); ``pseudo-labels`` (a CD model
-labels LEVIR-CC for pix4cap); ``eval`` (the metric table of a model file). ``--ddp`` trains on all visible GPUs
-(or ``--nproc`` CPU processes) with DistributedDataParallel under torchrun.
+Recipes: ``pix4cap`` (change mask + caption), ``cd-bit`` (BIT change detector), ``dfm`` (DFM: caption + TGCL
+on a pre-trained cd-bit encoder), ``semantic-cc`` (Semantic-CC, three stages per epoch), ``sen-pretrain`` (SEN
+stage 1: MoCo-v2 on unlabelled multi-date tiles -> a backbone file) and ``sen`` (SEN stage 2: captioning from it);
+``pseudo-labels`` (a CD model labels LEVIR-CC for pix4cap); ``eval`` (the metric table of a model file).
+``--ddp`` trains on all visible GPUs (or ``--nproc`` CPU processes) with DistributedDataParallel under torchrun.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import json
 import logging
 import sys
 
-RECIPES = ("pix4cap", "cd-bit", "pseudo-labels", "eval")
-TRAINERS = {"pix4cap": "pix4cap", "cd-bit": "cd_bit"}
+RECIPES = ("pix4cap", "cd-bit", "dfm", "semantic-cc", "sen-pretrain", "sen", "pseudo-labels", "eval")
+TRAINERS = {"pix4cap": "pix4cap", "cd-bit": "cd_bit", "dfm": "dfm", "semantic-cc": "semantic_cc",
+            "sen-pretrain": "sen_pretrain", "sen": "sen"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -135,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = importlib.import_module(f".recipes.{TRAINERS[args.recipe]}", __package__)
     card = recipe.train(cfg, args.out, device=device, resume=args.resume, ddp=args.ddp)
     if card is not None:
-        print(f"model file: {card}")
+        print(f"{'backbone' if args.recipe == 'sen-pretrain' else 'model'} file: {card}")
     return 0
 
 

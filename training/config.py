@@ -21,6 +21,16 @@ class AugmentConfig:
     # Flips and rot90, the SAME on both dates and the mask. Off for caption training by default: LEVIR-CC
     # captions say "on the left", "at the top", and a flipped image would contradict its caption.
     geometric: bool = False
+    # Random resized crop (square, area fraction in crop_scale, resized back to the tile: bicubic images,
+    # nearest mask), the SAME window on both dates and the mask. Caption recipes refuse it (it can cut away
+    # the change a caption describes).
+    crop: bool = False
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    # Gaussian blur of the images (never the mask), sigma uniform in blur_sigma px; BIT draws one sigma for
+    # both dates (blur_per_date False), True draws one per date.
+    blur: bool = False
+    blur_sigma: tuple[float, float] = (0.0, 1.0)
+    blur_per_date: bool = False
     # Independent brightness/contrast/saturation/hue jitter per date (acquisitions differ in light and season).
     photometric: bool = False
     brightness: float = 0.1
@@ -35,7 +45,8 @@ class AugmentConfig:
 @dataclass
 class DataConfig:
     # synthetic: core.synthetic; levircc: LEVIR-CC (masks from data.pseudo_labels, if given); levircd: LEVIR-CD
-    # (crops of crop_size); levirmci: LEVIR-CC layout + images/<split>/label masks (also the annotation export).
+    # (crops of crop_size); levirmci: LEVIR-CC layout + images/<split>/label masks (also the annotation export);
+    # multidate (sen-pretrain only): unlabelled co-registered tiles, ROOT/<place>/<date> (datasets/multidate.py).
     source: str = "synthetic"
     root: str | None = None            # dataset root for the real layouts
     captions: str | None = None        # levircc/levirmci caption JSON; default ROOT/LevirCCcaptions.json
@@ -68,8 +79,14 @@ class OptimConfig:
     lr: float = 1e-4                   # Adam (Pix4Cap); RSICCformer lineage uses 1e-4
     momentum: float = 0.9              # sgd only
     weight_decay: float = 0.0
-    scheduler: str = "none"            # none | linear (to 0 at the last step) | cosine
+    scheduler: str = "none"            # none | linear (to 0 at the last step) | cosine | plateau (below)
     warmup_steps: int = 0
+    # plateau: after every validation, lr x plateau_factor once plateau_patience epochs in a row have brought no
+    # new best plateau_metric (a validation metric; None = the recipe's score), higher is better with mode "max"
+    plateau_factor: float = 0.7
+    plateau_patience: int = 3
+    plateau_metric: str | None = None
+    plateau_mode: str = "max"
     batch_size: int = 32               # per process; the effective batch is batch_size x accumulate x processes
     accumulate: int = 1                # gradient accumulation: optimizer step every N batches
     epochs: int = 40
@@ -88,6 +105,28 @@ class LogConfig:
 
 
 @dataclass
+class TextEncoderConfig:
+    """dfm: TGCL's frozen sentence encoder, read from LOCAL files only (training/sentence_encoder.py)."""
+
+    path: str | None = None            # sentence-transformers model folder, or "pkg:NAME/SUBDIR" inside a package
+    max_length: int | None = None      # tokens; None = the folder's sentence_bert_config.json (else 128)
+    batch_size: int = 256              # captions per encoder call when filling the embedding cache
+
+
+@dataclass
+class ContrastiveConfig:
+    """sen-pretrain: MoCo-v2 on 6-band bi-temporal stacks (training/contrastive.py, datasets/multidate.py)."""
+
+    dim: int = 128                     # projection output (MoCo-v2)
+    queue_size: int = 65536            # K negatives (MoCo-v2)
+    momentum: float = 0.999            # key encoder m (MoCo-v2)
+    temperature: float = 0.2           # tau (MoCo-v2, SSL4EO-S12)
+    bn_groups: int = 4                 # shuffle BN: groups per batch (SSL4EO-S12: 4 GPUs)
+    strategy: str = "ordered"          # ordered: older date first, i <= j (SEN) | unordered
+    season: str = "augment"            # augment: q and k draw their dates independently (SEN) | random: the same
+
+
+@dataclass
 class TrainConfig:
     recipe: str = "pix4cap"
     architecture: str = "pix4cap-tiny"
@@ -98,6 +137,12 @@ class TrainConfig:
     gsd: float | None = 0.5
     seed: int = 42
     loss: str = "ce"                   # cd-bit: ce | ce+dice
+    loss_weights: dict = field(default_factory=dict)  # weights of a recipe's loss terms (dfm: caption, tgcl)
+    cd_model: str | None = None        # dfm: a cd-bit model card; its BIT weights become DFM's CD encoder
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # dfm: TGCL's text side
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)  # sen-pretrain: MoCo-v2
+    backbone_init: str | None = None   # sen: the sen-pretrain backbone (.safetensors) the extractor starts from
+    pair_with: str | None = None       # sen: the change detector (model name or card) written into the card
     data: DataConfig = field(default_factory=DataConfig)
     vocabulary: VocabularyConfig = field(default_factory=VocabularyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -150,7 +195,8 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
     cfg = _build(TrainConfig, d)
     base = path.resolve().parent
     for obj, attr in ((cfg.data, "root"), (cfg.data, "captions"), (cfg.data, "pseudo_labels"),
-                      (cfg.vocabulary, "path")):
+                      (cfg.vocabulary, "path"), (cfg, "cd_model"), (cfg.text_encoder, "path"),
+                      (cfg, "backbone_init"), (cfg, "pair_with")):
         value = getattr(obj, attr)
         if value and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
             setattr(obj, attr, str((base / value).resolve()))

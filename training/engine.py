@@ -135,13 +135,29 @@ def runtime(device: str | torch.device = "cpu", ddp: bool = False) -> Iterator[R
 
 
 # ---- what a recipe provides --------------------------------------------------------------------------------
+LossFn = Callable[[nn.Module, dict, torch.device], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pass over the training set inside an epoch, with its own loss; only the parameters that
+    ``trainable(name)`` selects (names in the task's module; None = all) and that required grad when
+    :func:`fit` began get gradients. Semantic-CC's three-stage strategy is a tuple of these."""
+
+    name: str
+    loss: LossFn
+    trainable: Callable[[str], bool] | None = None
+
+
 @dataclass
 class Task:
     """A recipe's part of a run.
 
     ``loss(model, batch, device) -> (loss, {part: float})`` runs inside autocast on the (possibly DDP-wrapped)
     model; ``validate(module, device) -> metrics`` and ``export(module, best_metrics, run) -> card path`` run on
-    rank 0 with the bare module; ``score(metrics)`` is higher-is-better (NaN never wins).
+    rank 0 with the bare module; ``score(metrics)`` is higher-is-better (NaN never wins). With ``stages``,
+    every epoch runs them in turn instead of ``loss`` (one optimiser and one schedule over all of them: a
+    parameter frozen in a stage has no gradient there, so the optimiser leaves it alone).
     """
 
     module: nn.Module
@@ -156,6 +172,7 @@ class Task:
     collate: Callable[[list[dict]], dict] = default_collate
     find_unused_parameters: bool = False
     extra_run_info: dict[str, Any] = field(default_factory=dict)
+    stages: tuple[Stage, ...] = ()
 
 
 # ---- optimiser, schedule, precision ----------------------------------------------------------------------------
@@ -171,11 +188,22 @@ def build_optimizer(params, o: OptimConfig) -> torch.optim.Optimizer:
 
 def build_scheduler(opt: torch.optim.Optimizer, o: OptimConfig, total_steps: int):
     """Per optimiser step: ``linear`` decays to 0 at ``total_steps`` (BIT), ``cosine`` likewise; both after
-    ``warmup_steps`` of linear warm-up."""
+    ``warmup_steps`` of linear warm-up. Per epoch: ``plateau`` multiplies the lr by ``plateau_factor`` once
+    ``plateau_patience`` validations in a row have brought no new best (SEN: BLEU-4, x 0.7 after 3 epochs)."""
     if o.scheduler == "none":
         return None
+    if o.scheduler == "plateau":
+        if o.warmup_steps:
+            raise ValueError("optim.warmup_steps does not combine with optim.scheduler 'plateau'")
+        if o.plateau_mode not in ("max", "min") or o.plateau_patience < 1 or not 0 < o.plateau_factor < 1:
+            raise ValueError("plateau: optim.plateau_mode must be max or min, plateau_patience >= 1 and "
+                             "0 < plateau_factor < 1")
+        # torch's patience counts the epochs it tolerates: ours counts the one that decays too; threshold 0:
+        # any gain is a new best
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=o.plateau_mode, factor=o.plateau_factor,
+                                                          patience=o.plateau_patience - 1, threshold=0.0)
     if o.scheduler not in ("linear", "cosine"):
-        raise ValueError(f"unknown optim.scheduler {o.scheduler!r}; use none, linear or cosine")
+        raise ValueError(f"unknown optim.scheduler {o.scheduler!r}; use none, linear, cosine or plateau")
     warm, total = max(0, o.warmup_steps), max(1, total_steps)
 
     def factor(step: int) -> float:
@@ -297,8 +325,9 @@ class RunLog:
 
 
 def export_model_file(cfg: TrainConfig, out_dir: str | Path, module, arch_cfg, spec, vocabulary, metrics: dict,
-                      run: dict, n_train: int, val_set) -> Path:
-    """The best weights as a model file whose card says what data, split and recipe produced them."""
+                      run: dict, n_train: int, val_set, **card_fields: Any) -> Path:
+    """The best weights as a model file whose card says what data, split and recipe produced them.
+    ``card_fields`` go into the card as they are (SEN: ``pair_with``)."""
     from changescribe.core.model_file import save_model_file
 
     from .datasets import describe_data
@@ -313,7 +342,46 @@ def export_model_file(cfg: TrainConfig, out_dir: str | Path, module, arch_cfg, s
         version=cfg.model_version, licence=cfg.licence,
         training_data=cfg.training_data or describe_data(d, n_train, len(val_set)),
         metrics={"split": split, **{k: round(v, 4) for k, v in metrics.items()}},
-        recipe=cfg.to_dict(), data=dataclasses.asdict(d), training=run)
+        recipe=cfg.to_dict(), data=dataclasses.asdict(d), training=run, **card_fields)
+
+
+def _stage_batches(stages: tuple[Stage, ...], loader: DataLoader, sampler: DistributedSampler, module: nn.Module,
+                   trainable: dict[str, bool], epoch: int, usable: int) -> Iterator[tuple[Stage, dict]]:
+    """Each stage's pass over the training set in turn (its own shuffle), with its parameters trainable.
+    One stage shuffles exactly as a plain epoch does (sampler epoch = ``epoch``)."""
+    for s, stage in enumerate(stages):
+        sampler.set_epoch(epoch * len(stages) + s)
+        for name, p in module.named_parameters():
+            p.requires_grad_(trainable[name] and (stage.trainable is None or stage.trainable(name)))
+        for i, batch in enumerate(loader):
+            if i >= usable:
+                break
+            yield stage, batch
+
+
+def _plateau_value(o: OptimConfig, metrics: dict[str, float], score: float) -> float:
+    """What the plateau scheduler watches this epoch: ``optim.plateau_metric`` or the task's score."""
+    if not o.plateau_metric:
+        return score
+    if metrics and o.plateau_metric not in metrics:
+        raise ValueError(f"optim.plateau_metric {o.plateau_metric!r} is not among the validation metrics "
+                         f"{sorted(metrics)}")
+    return float(metrics.get(o.plateau_metric, float("nan")))
+
+
+def _plateau_step(sched, value: float, rt: Runtime) -> None:
+    """One plateau decision per epoch on rank 0's validation value, shared so every process keeps one lr.
+    NaN (nothing validated) counts as an epoch without a new best."""
+    if torch.distributed.is_initialized():
+        t = torch.tensor([value], dtype=torch.float64, device=rt.device)
+        torch.distributed.broadcast(t, 0)
+        value = float(t)
+    before = [g["lr"] for g in sched.optimizer.param_groups]
+    sched.step(value)
+    if rt.main and [g["lr"] for g in sched.optimizer.param_groups] != before:
+        log.info("plateau: no new best for %d epochs, lr x %g -> %g", sched.patience + 1, sched.factor,
+                 sched.optimizer.param_groups[0]["lr"])
+
 
 def _atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -349,11 +417,14 @@ def fit(cfg: TrainConfig, task: Task, out_dir: str | Path, rt: Runtime | None = 
     steps_per_epoch = len(loader) // accumulate
     if steps_per_epoch == 0:
         raise ValueError(f"an epoch has {len(loader)} batches, fewer than optim.accumulate={accumulate}")
-    # the schedule spans the planned epochs; max_steps only stops early (as an interruption would)
-    total_steps = steps_per_epoch * o.epochs
+    stages = task.stages or (Stage("train", task.loss),)
+    # the schedule spans the planned epochs (and stages); max_steps only stops early (as an interruption would)
+    total_steps = steps_per_epoch * len(stages) * o.epochs
+    trainable = {n: p.requires_grad for n, p in module.named_parameters()}
 
     opt = build_optimizer([p for p in module.parameters() if p.requires_grad], o)
     sched = build_scheduler(opt, o, total_steps)
+    plateau = isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)  # stepped per epoch, not per step
     dtype = amp_dtype(o.amp, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
@@ -379,7 +450,7 @@ def fit(cfg: TrainConfig, task: Task, out_dir: str | Path, rt: Runtime | None = 
     if rt.distributed:
         model = nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=task.find_unused_parameters)
+            find_unused_parameters=task.find_unused_parameters or len(stages) > 1)
 
     columns = ["epoch", "step", "loss", *task.loss_parts, *[f"val_{c}" for c in task.val_columns], "lr", "seconds"]
     runlog = RunLog(out, columns, cfg, start_epoch, step) if rt.main else None
@@ -391,25 +462,26 @@ def fit(cfg: TrainConfig, task: Task, out_dir: str | Path, rt: Runtime | None = 
             if finished:
                 break
             seed_everything(epoch_seed(cfg.seed, epoch, rt.rank))
-            sampler.set_epoch(epoch)
             model.train()
             t0 = time.perf_counter()
             sums: dict[str, float] = {}
+            counts: dict[str, int] = {}
             batches = 0
             usable = steps_per_epoch * accumulate
-            bar = tqdm(loader, total=usable, desc=f"epoch {epoch + 1}/{o.epochs}", leave=False, disable=not rt.main)
-            for i, batch in enumerate(bar):
-                if i >= usable:
-                    break
+            bar = tqdm(_stage_batches(stages, loader, sampler, module, trainable, epoch, usable),
+                       total=usable * len(stages), desc=f"epoch {epoch + 1}/{o.epochs}", leave=False,
+                       disable=not rt.main)
+            for i, (stage, batch) in enumerate(bar):
                 boundary = (i + 1) % accumulate == 0
                 sync = model.no_sync() if (model is not module and not boundary) else contextlib.nullcontext()
                 with sync:
                     with autocast():
-                        loss, parts = task.loss(model, batch, device)
+                        loss, parts = stage.loss(model, batch, device)
                     scaled = loss / accumulate
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 for k, v in {"loss": float(loss.detach()), **parts}.items():
                     sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
                 batches += 1
                 if not boundary:
                     continue
@@ -423,11 +495,12 @@ def fit(cfg: TrainConfig, task: Task, out_dir: str | Path, rt: Runtime | None = 
                 else:
                     opt.step()
                 opt.zero_grad(set_to_none=True)
-                if sched is not None:
+                if sched is not None and not plateau:
                     sched.step()
                 step += 1
                 if rt.main:
-                    bar.set_postfix(loss=f"{sums['loss'] / batches:.3f}")
+                    bar.set_postfix(loss=f"{sums['loss'] / batches:.3f}",
+                                    **({"stage": stage.name} if len(stages) > 1 else {}))
                     if runlog is not None and step % max(1, cfg.log.every_steps) == 0:
                         runlog.scalar("train/loss", float(loss.detach()), step)
                         runlog.scalar("train/lr", opt.param_groups[0]["lr"], step)
@@ -444,7 +517,7 @@ def fit(cfg: TrainConfig, task: Task, out_dir: str | Path, rt: Runtime | None = 
                 score = task.score(metrics) if has_val else float(epoch)
                 if not math.isfinite(score):
                     score = -math.inf
-                means = {k: v / max(batches, 1) for k, v in sums.items()}
+                means = {k: v / counts[k] for k, v in sums.items()}  # a stage's parts: over its batches
                 row = {"epoch": epoch + 1, "step": step, "lr": _fmt(opt.param_groups[0]["lr"]),
                        "seconds": round(time.perf_counter() - t0, 1)}
                 row.update({c: _fmt(means.get(c, float("nan"))) for c in ("loss", *task.loss_parts)})
@@ -455,14 +528,20 @@ def fit(cfg: TrainConfig, task: Task, out_dir: str | Path, rt: Runtime | None = 
                 if score > best or best_epoch == 0:
                     best, best_metrics, best_epoch = score, metrics, epoch + 1
                     _atomic_save(module.state_dict(), out / "best.pt")
+                if plateau:
+                    _plateau_step(sched, _plateau_value(o, metrics, score), rt)
                 _atomic_save({"model": module.state_dict(), "optim": opt.state_dict(),
                               "scheduler": sched.state_dict() if sched is not None else {},
                               "scaler": scaler.state_dict() if scaler is not None else {},
                               "epoch": epoch, "step": step, "best": best, "best_epoch": best_epoch,
                               "best_metrics": {k: float(v) for k, v in best_metrics.items()},
                               "world_size": rt.world_size}, ckpt)
+            elif plateau:
+                _plateau_step(sched, float("nan"), rt)  # receives rank 0's value
             rt.barrier()
     finally:
+        for name, p in module.named_parameters():
+            p.requires_grad_(trainable[name])
         if runlog is not None:
             runlog.close()
     if rt.world_size > 1:

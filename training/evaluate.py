@@ -31,14 +31,19 @@ def evaluate(model: ChangeModel, data, batch_size: int, meteor: bool = False, be
     refs: list[list[str]] = []
     hyps: list[str] = []
     captions = bool(getattr(model, "can_caption", False))
+    detects = bool(getattr(model, "can_detect", True))  # SEN before its pairing: captions only
     loader = DataLoader(data, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
     for batch in loader:
-        pred = model.predict(batch["before"].float().to(model.device), batch["after"].float().to(model.device),
-                             with_captions=captions, beam_size=beam_size)
-        scores.update(pred.probability, batch["mask"])
-        if captions and pred.captions is not None:
+        before, after = batch["before"].float().to(model.device), batch["after"].float().to(model.device)
+        if detects:
+            pred = model.predict(before, after, with_captions=captions, beam_size=beam_size)
+            scores.update(pred.probability, batch["mask"])
+            hyp = pred.captions
+        else:
+            hyp = model.caption(before, after, beam_size=beam_size) if captions else None
+        if captions and hyp is not None:
             refs += batch["captions"]
-            hyps += pred.captions
+            hyps += hyp
     out = {k: v for k, v in scores.compute().items() if not math.isnan(v)}
     if hyps and all(refs):
         out.update(caption_scores(refs, hyps, meteor=meteor))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -51,3 +53,55 @@ def pix4cap_loss(cd_logits: torch.Tensor, mask: torch.Tensor, cap_logits: torch.
     det = change_loss(cd_logits, mask)
     cap = caption_loss(cap_logits, targets)
     return det + cap, {"loss_det": float(det.detach()), "loss_cap": float(cap.detach())}
+
+
+# ---- DFM: Text-guided Gated Contrastive Loss (seed paper 002, Sec. III-C, Eq. 1-5) ------------------------------
+def change_gate(captions: Sequence[str]) -> torch.Tensor:
+    """TGCL's gating indicator g_i: 0 for a "no change" caption, 1 for a caption that describes a change.
+
+    LEVIR-CC words every no-change pair (``changeflag`` 0) with the same five sentences, which the synthetic
+    generator and the annotation export reuse (``core.synthetic.NO_CHANGE_CAPTIONS``); they are matched after
+    LEVIR-CC tokenisation, so case and final periods do not matter. An empty caption counts as no change."""
+    from changescribe.core.synthetic import NO_CHANGE_CAPTIONS
+    from changescribe.core.vocabulary import tokenize
+
+    sentences = {" ".join(tokenize(s)) for s in NO_CHANGE_CAPTIONS}
+    return torch.tensor([float(bool(c.strip()) and " ".join(tokenize(c)) not in sentences) for c in captions])
+
+
+def gated_contrastive_loss(logits: torch.Tensor, gate: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """TGCL: symmetric InfoNCE between pair i's change embedding and caption i, over gated anchors only.
+
+    ``logits`` (B, B) is ``exp(t) * cos(v_i, t_j)`` (image rows, caption columns; DFM.contrastive_logits).
+    L_i2t = sum_i g_i CE(logits[i, :], i) / (sum g + eps), L_t2i the same on the columns, TGCL their mean.
+    A no-change pair is never an anchor (its near-zero difference embedding would be pulled towards a
+    "nothing changed" sentence), but stays in the softmax as a negative. A batch without any change gives 0
+    with a graph."""
+    if logits.ndim != 2 or logits.shape[0] != logits.shape[1]:
+        raise ValueError(f"TGCL needs a square (pairs x captions) similarity matrix, got {tuple(logits.shape)}")
+    gate = gate.to(device=logits.device, dtype=logits.dtype)
+    target = torch.arange(logits.shape[0], device=logits.device)
+    i2t = F.cross_entropy(logits, target, reduction="none")
+    t2i = F.cross_entropy(logits.t(), target, reduction="none")
+    valid = gate.sum() + eps
+    return 0.5 * ((gate * i2t).sum() / valid + (gate * t2i).sum() / valid)
+
+
+def dfm_loss(cap_logits: torch.Tensor, targets: torch.Tensor, sim_logits: torch.Tensor, gate: torch.Tensor,
+             weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+    """DFM Eq. 6: ``weights["caption"] * L_cap + weights["tgcl"] * L_TGCL``; also returns the parts."""
+    cap = caption_loss(cap_logits, targets)
+    tgcl = gated_contrastive_loss(sim_logits, gate)
+    total = weights["caption"] * cap + weights["tgcl"] * tgcl
+    return total, {"loss_cap": float(cap.detach()), "loss_tgcl": float(tgcl.detach())}
+
+
+# ---- Semantic-CC (seed paper 001, Sec. III-F, Eq. 9) -------------------------------------------------------------
+def semantic_cc_loss(cd_logits: torch.Tensor, mask: torch.Tensor, cap_logits: torch.Tensor, targets: torch.Tensor,
+                     cd_weight: float, ignore_index: int = -100) -> tuple[torch.Tensor, dict[str, float]]:
+    """Eq. 9: L = L_cc + lambda * L_cd (the paper's lambda = 0.5). L_cd is the pixel cross-entropy of the change
+    mask (two-class softmax, the paper's binary CE), L_cc the token cross-entropy; caption targets equal to
+    ``ignore_index`` (padding) are left out. Also returns the parts."""
+    cd = change_loss(cd_logits, mask)
+    cc = caption_loss(cap_logits, targets, pad_id=ignore_index)
+    return cc + cd_weight * cd, {"loss_cd": float(cd.detach()), "loss_cc": float(cc.detach())}

@@ -70,12 +70,24 @@ class MultiHeadAttention(nn.Module):
         return self.attend(query, kv, key_padding_mask, causal)
 
 
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``: the GELU approximation OpenAI's CLIP was trained with (its weights need it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
 class FeedForward(nn.Module):
-    """Position-wise MLP (Linear -> activation -> dropout -> Linear)."""
+    """Position-wise MLP (Linear -> activation -> dropout -> Linear); ``activation`` names an :data:`ACTIVATIONS`."""
 
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0, activation: str = "relu") -> None:
         super().__init__()
-        act = {"relu": nn.ReLU, "gelu": nn.GELU}[activation]
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
+        act = ACTIVATIONS[activation]
         self.net = nn.Sequential(nn.Linear(dim, hidden), act(), nn.Dropout(dropout), nn.Linear(hidden, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -40,12 +40,13 @@ class BITConfig:
 class PreNormBlock(nn.Module):
     """x + Attn(LN(x), LN(ctx)) then x + MLP(LN(x)); self-attention when no context is given."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, mlp_dim: int, cross: bool) -> None:
+    def __init__(self, dim: int, heads: int, dim_head: int, mlp_dim: int, cross: bool,
+                 activation: str = "gelu") -> None:
         super().__init__()
         self.norm_q, self.norm_ff = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.norm_ctx = nn.LayerNorm(dim) if cross else None
         self.attn = MultiHeadAttention(dim, heads, dim_head)
-        self.ff = FeedForward(dim, mlp_dim, activation="gelu")
+        self.ff = FeedForward(dim, mlp_dim, activation=activation)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         q = self.norm_q(x)

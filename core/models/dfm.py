@@ -22,8 +22,12 @@ What the paper fixes and this module implements:
 Documented interpretations (the stored paper text lost every symbol of its equations and its
 hyper-parameter values):
 
-* vision encoder = CLIP ViT-B/32 layout (patch 32, width 768, 12 layers), the encoder of DFM's baseline
-  RSCaMa; embedding dimension D = 768 (the ViT width, so no projection is needed).
+* vision encoder = CLIP ViT-B/32 layout (patch 32, width 768, 12 layers, QuickGELU in the registered paper
+  configuration), the encoder of DFM's baseline RSCaMa and the "CLIP" of the paper's ablation table; embedding
+  dimension D = 768 (the ViT width, so no projection is needed). ``clip_checkpoint`` names a LOCAL CLIP
+  checkpoint (OpenAI / open_clip ``ViT-B-32`` or a Hugging Face CLIP export) whose vision tower initialises the
+  ViT (key mapping in :mod:`.pretrained`); TGCL trains the ViT, so the model file carries it and loading a model
+  file does not read the checkpoint. ``vit_activation`` must match the checkpoint (OpenAI: ``quick_gelu``).
 * Eq. 7's "feature extraction modules" (RSCaMa's Mamba layers; no state-space kernel here) are
   ``st_layers`` = 3 pre-norm Transformer layers over the tokens of both dates jointly (temporal embeddings
   tell them apart), followed by ``Linear([f1, f2, f2 - f1])`` -> D: the spatio-temporal difference tokens.
@@ -47,6 +51,7 @@ from torch import nn
 from .attention import CrossAttentionBlock, FeedForward, LearnedPosition2D, MultiHeadAttention
 from .caption_decoder import CaptionDecoder
 from .change_detector import BITChangeDetector, BITConfig, BITFeatures, PreNormBlock
+from .pretrained import load_clip_vision, may_read_checkpoint
 from .vit import ClipViT
 
 
@@ -59,6 +64,8 @@ class DFMConfig:
     vit_layers: int = 12
     vit_heads: int = 12
     vit_grid: int = 7  # position table side (224 / 32 as CLIP); resized to the tile's grid
+    vit_activation: str = "gelu"  # "quick_gelu" for OpenAI CLIP weights (the registered paper config)
+    clip_checkpoint: str | None = None  # LOCAL CLIP weights that initialise the ViT (see module doc)
     # difference modelling
     d_model: int = 768
     heads: int = 8
@@ -125,7 +132,7 @@ class DFM(nn.Module):
         self.cfg = cfg
         d = cfg.d_model
         self.vit = ClipViT(cfg.in_channels, cfg.vit_patch, cfg.vit_width, cfg.vit_layers, cfg.vit_heads,
-                           grid=cfg.vit_grid)
+                           grid=cfg.vit_grid, activation=cfg.vit_activation)
         bit_cfg = dataclasses.replace(BITConfig(), in_channels=cfg.in_channels, **dict(cfg.cd_overrides))
         # backbone_weights (ImageNet ResNet, local file) go to the CD encoder's backbone
         self.cd = BITChangeDetector(bit_cfg, backbone_weights)
@@ -145,6 +152,8 @@ class DFM(nn.Module):
                                       cfg.max_caption_length, cfg.layer_residual)
         if cfg.freeze_cd:
             self.cd.requires_grad_(False)
+        if cfg.clip_checkpoint and may_read_checkpoint():
+            self.load_clip_weights(cfg.clip_checkpoint)
 
     def train(self, mode: bool = True) -> "DFM":
         super().train(mode)
@@ -161,6 +170,10 @@ class DFM(nn.Module):
         if model.architecture != "bit-cd":
             raise ValueError(f"{path}: DFM's CD encoder is BIT; the file holds {model.architecture!r}")
         self.cd.load_state_dict(model.module.state_dict(), strict=True)
+
+    def load_clip_weights(self, path: str | Path) -> None:
+        """Initialise the ViT from a LOCAL CLIP checkpoint (OpenAI / open_clip / Hugging Face layouts)."""
+        load_clip_vision(self.vit, path, self.cfg.vit_activation)
 
     # ---- encoder -------------------------------------------------------------------------------------
     def _cd_prior(self, cd: BITFeatures) -> torch.Tensor:

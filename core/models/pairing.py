@@ -10,16 +10,25 @@ and :func:`~changescribe.core.model_file.load_model_file` then returns the pair:
 through :mod:`changescribe.core.model_loading` (the captioner's own folder first, then the usual model
 folders) when the captioner is loaded. The partner must detect change and must not itself carry a
 ``pair_with`` entry (no chains, no cycles).
+
+The detector can also be chosen at run time (:func:`with_detector`; ``changescribe detect --detector``,
+``detect_changes(detector=...)``): it replaces the card's ``pair_with``, and a captioner without a card pairing
+gets one. A model with its own change head may be given a detector too: the mask then comes from the given
+detector and only the captions from the model (e.g. a stronger CD model under Pix4Cap's captions). A model that
+does not caption needs no detector (pass the detector as the model instead), and the detector must detect
+change and not be a pair itself; both are refused with a :class:`~changescribe.core.errors.ModelError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..errors import ModelError
 from ..model_api import ChangeModel, InputSpec
 
 
@@ -107,3 +116,29 @@ def pair_from_card(captioner: ChangeModel, card: dict[str, Any], device: str = "
                              f"{detector.input_spec.bands} bands, the captioner {spec.bands}")
     return PairedChangeModel(detector, captioner, name=captioner.name, version=str(captioner.version),
                              input_spec=dataclasses.replace(spec))
+
+
+def with_detector(model: ChangeModel, detector: ChangeModel | str | os.PathLike, device: str | torch.device = "cpu",
+                  extra_dirs: list[str | os.PathLike] | None = None) -> PairedChangeModel:
+    """``model``'s captions with ``detector``'s change mask (the run-time choice; see the module docstring).
+
+    ``detector`` is a loaded model or a name / card path resolved like ``--model`` (``extra_dirs``, then
+    ``CHANGESCRIBE_MODEL_PATH``, then the shipped models)."""
+    if not model.can_caption:
+        raise ModelError(f"model {model.name!r} does not caption, so it takes no separate detector; run the "
+                         f"detector as the model instead")
+    if isinstance(detector, ChangeModel):
+        detector = detector.to(device)
+    else:
+        from ..model_loading import load_model
+        detector = load_model(detector, device, extra_dirs)
+    if isinstance(detector, PairedChangeModel):
+        raise ModelError(f"detector {detector.name!r} is itself a captioner paired with a detector (its card has "
+                         f"'pair_with'); name that change detector instead")
+    if not getattr(detector, "can_detect", True):
+        raise ModelError(f"detector {detector.name!r} has no change head, so it cannot make the change mask")
+    captioner = model.captioner if isinstance(model, PairedChangeModel) else model
+    if detector.input_spec.bands != captioner.input_spec.bands:
+        raise ModelError(f"detector {detector.name!r} reads {detector.input_spec.bands} bands but model "
+                         f"{captioner.name!r} reads {captioner.input_spec.bands}")
+    return PairedChangeModel(detector, captioner, input_spec=dataclasses.replace(captioner.input_spec))

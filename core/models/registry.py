@@ -165,17 +165,21 @@ register(ModelEntry("sen", SEN, SENConfig(), SEN_PAPER,
 register(ModelEntry("sen-small", SEN, SEN_SMALL, SEN_PAPER,
                     "SEN, small configuration (6-band ResNet-18, D 256): caption only - paired with a change "
                     "detector.", True))
-register(ModelEntry("dfm", DFM, DFMConfig(), DFM_PAPER,
+# The paper configuration's ViT is CLIP ViT-B/32 (QuickGELU), so OpenAI CLIP weights load via clip_checkpoint.
+register(ModelEntry("dfm", DFM, DFMConfig(vit_activation="quick_gelu"), DFM_PAPER,
                     "DFM, paper configuration (CLIP-layout ViT-B/32, BIT change encoder injected by cross-attention, "
                     "Joint Feature Modeling, TGCL heads): change mask (BIT) + caption.", True))
 register(ModelEntry("dfm-small", DFM, DFM_SMALL, DFM_PAPER,
                     "DFM, small configuration (6-layer 256-wide ViT/32, BIT change encoder): change mask + caption.",
                     True))
-register(ModelEntry("semantic-cc-vit-l", SemanticCC, SemanticCCConfig(), SEMANTIC_CC_PAPER,
+# The paper inherits MiniGPT-4's Q-Former: its 1408-wide (EVA ViT-g) cross-attention input is kept and SAM's
+# tokens are mapped to it (semantic_cc.py's docstring), so a BLIP-2 checkpoint loads through qformer_checkpoint.
+MINIGPT4_QFORMER = {"qformer_encoder_width": 1408}
+register(ModelEntry("semantic-cc-vit-l", SemanticCC, sam_config("vit_l", **MINIGPT4_QFORMER), SEMANTIC_CC_PAPER,
                     "Semantic-CC, paper configuration (SAM ViT-L + LoRA + BCSF, 3-unit aggregation neck, SimpleFPN "
                     "CD decoder, Q-Former + enhancer + Vicuna-7B-size LLM with LoRA): change mask + caption. "
                     + WEIGHTS_NOTE, True))
-register(ModelEntry("semantic-cc-vit-b", SemanticCC, sam_config("vit_b"), SEMANTIC_CC_PAPER,
+register(ModelEntry("semantic-cc-vit-b", SemanticCC, sam_config("vit_b", **MINIGPT4_QFORMER), SEMANTIC_CC_PAPER,
                     "Semantic-CC on SAM ViT-B (otherwise the paper configuration): change mask + caption. "
                     + WEIGHTS_NOTE, True))
 register(ModelEntry("semantic-cc-small", SemanticCC, SEMANTIC_CC_SMALL, SEMANTIC_CC_PAPER,

@@ -32,8 +32,16 @@ Where the weights come from (nothing is ever downloaded):
   serves as its tokenizer (fine for tests and word-level training, not for a pretrained LLM).
 * With either path set, the model file stores only what training changed (LoRA factors, BCSF, neck,
   decoders, Q-Former, enhancer): the frozen SAM / LLM tensors are re-read from the paths at load time.
-* MiniGPT-4's Q-Former checkpoint (LAVIS format) is NOT mapped here; the Q-Former's weights live in the
-  model file.
+* ``qformer_checkpoint``: a LOCAL BLIP-2 / MiniGPT-4 Q-Former checkpoint (``blip2_pretrained_flant5xxl.pth``, the
+  file MiniGPT-4 takes its Q-Former from, LAVIS layout; or a Hugging Face BLIP-2 export) - it fills the Q-Former,
+  its query tokens and ``ln_vision`` (key mapping in :mod:`.pretrained`). With ``freeze_pretrained`` these stay
+  frozen and, like SAM's tensors, out of the model file (re-read at load time); otherwise they only initialise
+  training and the model file carries the trained ones.
+* ``qformer_encoder_width``: the pretrained Q-Former cross-attends to EVA ViT-g's 1408-wide tokens, SAM ViT-L
+  gives 1024. The paper says the Q-Former "inherits" MiniGPT-4's weights without saying how the widths meet; we
+  put a learned linear map (``vision_proj``, embed_dim -> 1408) before ``ln_vision`` so every pretrained tensor
+  loads unchanged (the paper configurations set 1408). ``None`` (the small config): no map, the Q-Former reads the
+  encoder's width.
 
 Documented interpretations: BCSF channel filters need a fixed token grid for their ``2*h*w -> 1``
 projection (``bcsf_grid``, 16 = 256 px tiles); other tile sizes are average-pooled to it for the gate
@@ -57,14 +65,16 @@ from torch import nn
 
 from .change_detector import PreNormBlock
 from .pix4cap import conv_bn_relu
+from .pretrained import load_qformer, may_read_checkpoint
 from .vit import SAM_VARIANTS, LayerNorm2d, SamViT, load_sam_encoder
 
 WEIGHTS_NOTE = (
     "Semantic-CC weights are never downloaded. Put SAM's image-encoder checkpoint (e.g. sam_vit_l_0b3195.pth "
     "or a .safetensors export) on this machine and set the config's 'sam_checkpoint' to its path; put the LLM "
     "as a Hugging Face folder (config.json, weights, tokenizer files; Vicuna-7B v0 as in MiniGPT-4) on this "
-    "machine and set 'llm_path' to it. The model file then holds only the trained tensors and re-reads the "
-    "frozen ones from those paths; captions use the LLM folder's tokenizer.")
+    "machine and set 'llm_path' to it. For MiniGPT-4's Q-Former set 'qformer_checkpoint' to a local "
+    "blip2_pretrained_flant5xxl.pth (or a Hugging Face BLIP-2 export). The model file then holds only the trained "
+    "tensors and re-reads the frozen ones from those paths; captions use the LLM folder's tokenizer.")
 
 INSTRUCTIONS = (
     "Describe the difference between the new remote sensing image and the old one in detail.",
@@ -110,6 +120,8 @@ class SemanticCCConfig:
     qformer_heads: int = 12
     qformer_intermediate: int = 3072
     qformer_cross_every: int = 2
+    qformer_encoder_width: int | None = None  # 1408 = EVA ViT-g, to load BLIP-2's Q-Former (see module doc)
+    qformer_checkpoint: str | None = None
     llm_path: str | None = None
     llm_hidden: int = 4096  # Vicuna-7B
     llm_layers: int = 32
@@ -338,10 +350,14 @@ class SemanticCC(nn.Module):
         sam = cfg.sam_checkpoint or backbone_weights
         if sam and not _on_meta():
             load_sam_encoder(self.encoder, sam)
+        if cfg.qformer_checkpoint and may_read_checkpoint(kept_out_of_model_file=cfg.freeze_pretrained):
+            load_qformer(self, cfg.qformer_checkpoint)
         if cfg.freeze_pretrained:
             self.encoder.freeze_pretrained()
             self.qformer.requires_grad_(False)
             self.query_tokens.requires_grad_(False)
+            if cfg.qformer_checkpoint:  # MiniGPT-4 keeps ln_vision frozen with the Q-Former
+                self.ln_vision.requires_grad_(False)
             if cfg.llm_lora_r <= 0:
                 self.llm.requires_grad_(False)
         self.tokenizer: WordTokenizer | HFTokenizer | None = None
@@ -355,13 +371,15 @@ class SemanticCC(nn.Module):
             from transformers import Blip2QFormerConfig, Blip2QFormerModel
         except ImportError as e:  # pragma: no cover - transformers is a dev/extra dependency
             raise ImportError("Semantic-CC needs the 'transformers' package (pip install transformers peft)") from e
-        self.ln_vision = nn.LayerNorm(cfg.embed_dim)
+        width = cfg.qformer_encoder_width or cfg.embed_dim
+        self.vision_proj = nn.Linear(cfg.embed_dim, width) if width != cfg.embed_dim else None
+        self.ln_vision = nn.LayerNorm(width)
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, cfg.qformer_hidden))
         nn.init.normal_(self.query_tokens, std=0.02)
         self.qformer = Blip2QFormerModel(Blip2QFormerConfig(
             hidden_size=cfg.qformer_hidden, num_hidden_layers=cfg.qformer_layers,
             num_attention_heads=cfg.qformer_heads, intermediate_size=cfg.qformer_intermediate,
-            encoder_hidden_size=cfg.embed_dim, cross_attention_frequency=cfg.qformer_cross_every))
+            encoder_hidden_size=width, cross_attention_frequency=cfg.qformer_cross_every))
         self.enhancer = ChangeFeatureEnhancer(cfg.qformer_hidden, cfg.llm_hidden)
         self.llm = self._build_llm(cfg)
 
@@ -396,8 +414,12 @@ class SemanticCC(nn.Module):
 
     # ---- external (re-loaded, never saved) weights ------------------------------------------------------
     def is_external(self, key: str) -> bool:
-        """True for a state-dict key whose tensor comes from ``llm_path`` / ``sam_checkpoint`` at build time."""
+        """True for a state-dict key whose tensor comes from ``llm_path`` / ``sam_checkpoint`` / a frozen
+        ``qformer_checkpoint`` at build time."""
         if self.cfg.llm_path and key.startswith("llm.") and "lora_" not in key:
+            return True
+        if self.cfg.qformer_checkpoint and self.cfg.freeze_pretrained and (
+                key.startswith(("qformer.", "ln_vision.")) or key == "query_tokens"):
             return True
         return bool(self.cfg.sam_checkpoint) and key.startswith("encoder.") and ".lora_" not in key \
             and not key.startswith("encoder.neck.")
@@ -440,7 +462,7 @@ class SemanticCC(nn.Module):
     # ---- caption branch ---------------------------------------------------------------------------------------
     def change_tokens(self, feats: SemanticCCFeatures) -> torch.Tensor:
         """Q-Former on each date (shared) + enhancer -> (B, num_query_tokens, llm_hidden)."""
-        img = self.ln_vision(feats.cc)
+        img = self.ln_vision(feats.cc if self.vision_proj is None else self.vision_proj(feats.cc))
         q = self.query_tokens.expand(img.shape[0], -1, -1)
         out = self.qformer(query_embeds=q, encoder_hidden_states=img,
                            encoder_attention_mask=torch.ones(img.shape[:2], dtype=torch.long, device=img.device))

@@ -1,7 +1,11 @@
 """Vision Transformers shared by the model zoo, plus a minimal LoRA linear layer.
 
 * :class:`ClipViT` - a CLIP-style ViT (patch conv, [CLS] token, learned positions, pre-norm blocks of
-  :class:`..change_detector.PreNormBlock`): DFM's vision encoder (ViT-B/32 in its baseline RSCaMa).
+  :class:`..change_detector.PreNormBlock`): DFM's vision encoder (ViT-B/32 in its baseline RSCaMa). Its
+  parameter names follow OpenAI CLIP's ``visual`` tower where they exist (``conv1``, ``class_embedding``,
+  ``positional_embedding``, ``ln_pre``, ``ln_post``); :mod:`.pretrained` maps OpenAI/open_clip and Hugging
+  Face CLIP checkpoints onto it. Unlike CLIP, ``ln_post`` is applied to every token (CLIP: [CLS] only) and
+  CLIP's output projection ``proj`` is not used (DFM works in the ViT width).
 * :class:`SamViT` - the image encoder of Segment Anything (Kirillov et al. 2023): patch 16, absolute
   positions for a ``img_size`` grid, windowed blocks with global blocks at ``global_attn_indexes``,
   decomposed relative positions, and the 256-channel conv neck. Parameter names follow SAM's
@@ -76,7 +80,7 @@ class ClipViT(nn.Module):
     """``forward(x)`` -> tokens (B, 1 + h*w, width), [CLS] first, after the final LayerNorm."""
 
     def __init__(self, in_channels: int = 3, patch: int = 32, width: int = 768, layers: int = 12,
-                 heads: int = 12, mlp_ratio: int = 4, grid: int = 7) -> None:
+                 heads: int = 12, mlp_ratio: int = 4, grid: int = 7, activation: str = "gelu") -> None:
         super().__init__()
         self.patch, self.width, self.grid = patch, width, grid
         self.conv1 = nn.Conv2d(in_channels, width, patch, stride=patch, bias=False)
@@ -84,8 +88,8 @@ class ClipViT(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(1 + grid * grid, width))
         self.ln_pre = nn.LayerNorm(width)
-        self.blocks = nn.ModuleList([PreNormBlock(width, heads, width // heads, mlp_ratio * width, cross=False)
-                                     for _ in range(layers)])
+        self.blocks = nn.ModuleList([PreNormBlock(width, heads, width // heads, mlp_ratio * width, cross=False,
+                                                  activation=activation) for _ in range(layers)])
         self.ln_post = nn.LayerNorm(width)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -6,10 +6,12 @@ Loss: pixel cross-entropy (``loss: "ce"``, BIT) or cross-entropy + soft Dice (``
 
 Optimiser defaults follow BIT (Chen, Qi & Shi, "Remote sensing image change detection with transformers",
 IEEE TGRS 2021, Sec. IV-B, and its public code): SGD, momentum 0.99, weight decay 5e-4, learning rate 0.01
-decayed linearly to 0 over 200 epochs, batch size 8, 256 x 256 crops. Their augmentations are flips,
-rescale/crop, Gaussian blur and colour jitter; here flips + rot90 and per-date colour jitter
-(datasets/augment.py). Validation: Precision / Recall / F1 / IoU / OA of the change class on the validation
-split; the epoch with the best F1 is exported (BIT keeps the best validation F1 too).
+decayed linearly to 0 over 200 epochs, batch size 8, 256 x 256 crops. Their LEVIR-CD augmentations are
+flips, a rescale by U(1, 1.2) cropped back to the tile, and Gaussian blur (sigma U(0, 1), one per pair); here
+flips + rot90, a random resized crop of area 0.694..1 and that blur (``data.augment``: ``geometric``,
+``crop``, ``blur``; datasets/augment.py), plus per-date colour jitter. Validation: Precision / Recall / F1 /
+IoU / OA of the change class on the validation split; the epoch with the best F1 is exported (BIT keeps the
+best validation F1 too).
 
 The exported model file is change-only (``can_caption`` False): the pipeline maps changes with it and
 summarises regions without captions, and the pseudo-labels step uses it to label LEVIR-CC.

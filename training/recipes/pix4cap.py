@@ -26,12 +26,11 @@ import torch
 from changescribe.core.model_api import InputSpec, normalise
 from changescribe.core.models.adapter import TorchChangeModel
 from changescribe.core.models.registry import build_model, get_entry
-from changescribe.core.vocabulary import Vocabulary
 
+from ..caption_vocabulary import build_vocabulary, training_captions
 from ..config import TrainConfig
 from ..datasets import build_dataset
 from ..datasets.augment import check_for_captions
-from ..datasets.levir import CAPTIONS_FILE, read_captions
 from ..engine import Runtime, Task, export_model_file, fit, runtime, seed_everything
 from ..evaluate import evaluate
 from ..losses import pix4cap_loss
@@ -39,36 +38,6 @@ from ..losses import pix4cap_loss
 log = logging.getLogger(__name__)
 
 __all__ = ["train", "evaluate", "build_vocabulary", "seed_everything"]
-
-
-def _levircc_captions_path(cfg: TrainConfig) -> Path | None:
-    v, d = cfg.vocabulary, cfg.data
-    if v.path:
-        return Path(v.path)
-    if d.source in ("levircc", "levirmci"):
-        return Path(d.captions) if d.captions else Path(d.root or ".") / CAPTIONS_FILE
-    return None
-
-
-def build_vocabulary(cfg: TrainConfig, train_captions: list[list[str]]) -> Vocabulary:
-    """LEVIR-CC's train-split words (``vocabulary.source: levircc``), else the training captions' words."""
-    v = cfg.vocabulary
-    path = _levircc_captions_path(cfg)
-    if v.source == "levircc" and path is not None and path.is_file():
-        caps = [c for r in read_captions(path) if r.split == "train" for c in r.captions]
-        if caps:
-            return Vocabulary.build(caps, min_count=v.min_count, max_length=v.max_length)
-    if v.source == "levircc":
-        log.warning("LEVIR-CC captions not found at %s; building the vocabulary from the training captions", path)
-    return Vocabulary.build([c for caps in train_captions for c in caps], min_count=v.min_count,
-                            max_length=v.max_length)
-
-
-def _captions_of(ds) -> list[list[str]]:
-    caps = getattr(ds, "captions", None)
-    if caps is None:
-        caps = [ds[i]["captions"] for i in range(len(ds))]
-    return caps
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, device: str = "cpu", resume: bool = False,
@@ -91,7 +60,7 @@ def _train(cfg: TrainConfig, out_dir: str | Path, rt: Runtime, resume: bool) -> 
         log.warning("LEVIR-CC without data.pseudo_labels: no change masks, only the caption loss trains")
     train_set = build_dataset(d, d.train_split, train=True, progress=rt.main)
     val_set = build_dataset(d, d.val_split, progress=rt.main)
-    vocab = build_vocabulary(cfg, _captions_of(train_set))
+    vocab = build_vocabulary(cfg, training_captions(train_set))
     spec = InputSpec(bands=3, tile_size=cfg.tile_size, gsd=cfg.gsd)
     arch_cfg = dataclasses.replace(get_entry(cfg.architecture).config, **cfg.config_overrides)
     module, arch_cfg = build_model(cfg.architecture, arch_cfg, input_spec=spec, vocabulary=vocab)
