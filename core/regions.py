@@ -31,9 +31,9 @@ from .run_control import RunControl
 
 log = logging.getLogger(__name__)
 
-# Pixels polygonized at once (16 MB of probabilities and a few times that in masks): a strip is this many pixels
-# over the raster's width, so memory stays the same for wider rasters. Read at call time: tests shrink it.
-STRIP_PIXELS = 4 * 2**20
+# Pixels polygonized at once (4 MB of probabilities, a few times that in masks): a strip is this many pixels over
+# the raster's width, so memory stays the same for wider rasters. Read at call time: tests shrink it.
+STRIP_PIXELS = 2**20
 MIN_STRIP_ROWS = 64
 HALO = 4
 _STRUCT = ndimage.generate_binary_structure(2, 2)  # 8-connected 3×3
@@ -45,7 +45,7 @@ class StreamCounters:
 
     strips: int = 0
     polygons: int = 0   # finished polygons handed on
-    peak_held: int = 0  # most polygons held at once: one strip's pieces plus those left open at the seam above
+    peak_held: int = 0  # most polygons held at once: one strip's pieces plus those of regions still open
 
 
 def change_mask(prob: np.ndarray, threshold: float, cleanup: int = 1) -> np.ndarray:
@@ -94,16 +94,12 @@ def iter_polygons(prob_path: str | Path, threshold: float = 0.5, cleanup: int = 
             del mask
             counters.strips += 1
             counters.peak_held = max(counters.peak_held, len(pieces) + sum(len(g.pieces) for g in held))
-            on_bottom = (lambda p: False) if bottom >= height else (lambda p: _touches_row(p, transform, bottom))
-            joining = [p for p in pieces if top > 0 and _touches_row(p, transform, top)]
-            done: list = []
-            groups = _join(held, joining)
-            for p in pieces:
-                if not (top > 0 and _touches_row(p, transform, top)):
-                    groups.append(_Open([p], [p]))
-            held = []
+            on_top = [top > 0 and _touches_row(p, transform, top) for p in pieces]
+            groups = _join(held, [p for p, t in zip(pieces, on_top) if t])
+            groups += [_Open([p], [p]) for p, t in zip(pieces, on_top) if not t]
+            held, done, last = [], [], bottom >= height
             for group in groups:
-                group.frontier = [p for p in group.frontier if on_bottom(p)]
+                group.frontier = [] if last else [p for p in group.frontier if _touches_row(p, transform, bottom)]
                 if group.frontier:
                     held.append(group)
                 else:
