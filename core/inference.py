@@ -21,12 +21,15 @@ from .errors import ChangeScribeError
 from .model_api import ChangeModel
 from .raster_pair import AlignedPair
 from .run_control import RunControl
-from .tiling import StripBlender, Tile, iter_batches, tile_grid
+from .tiling import Panel, StripBlender, Tile, column_panels, iter_batches, tile_grid
 
 log = logging.getLogger(__name__)
 
 PROBABILITY_NODATA = -1.0
 BLOCK = 256
+# Widest column panel blended at once: bounds the blend accumulators (about 34 MB at 256-pixel tiles) whatever the
+# raster's width; a raster wider than this runs one shared tile column per extra panel twice (about 3 %).
+PANEL_WIDTH = 8192
 
 
 @dataclass
@@ -72,6 +75,17 @@ def _read_batch(pair: AlignedPair, tiles: list[Tile], size: int):
     return np.stack(befores), np.stack(afters), valids
 
 
+def _panel_sink(dst: rasterio.io.DatasetWriter, panel: Panel):
+    """Write a panel's finished rows, only the columns it owns (there its blend is complete)."""
+    lo, hi = panel.x0 - panel.left, panel.x1 - panel.left
+
+    def sink(row: int, values: np.ndarray, valid: np.ndarray) -> None:
+        owned = np.where(valid[:, lo:hi], values[:, lo:hi], PROBABILITY_NODATA).astype(np.float32)
+        dst.write(owned[None], window=rasterio.windows.Window(panel.x0, row, hi - lo, owned.shape[0]))
+
+    return sink
+
+
 def run_model(model: ChangeModel, before: torch.Tensor, after: torch.Tensor) -> np.ndarray:
     """Probability for a batch, splitting it in halves on CUDA out-of-memory before giving up."""
     try:
@@ -90,37 +104,46 @@ def run_model(model: ChangeModel, before: torch.Tensor, after: torch.Tensor) -> 
 
 def predict_probability(pair: AlignedPair, model: ChangeModel, out_path: str | Path, tile_size: int | None = None,
                         overlap: int | None = None, batch_size: int = 8,
-                        control: RunControl | None = None) -> InferenceStats:
-    """Write the blended change-probability map of ``pair`` to ``out_path`` (GeoTIFF)."""
+                        control: RunControl | None = None, panel_width: int = PANEL_WIDTH) -> InferenceStats:
+    """Write the blended change-probability map of ``pair`` to ``out_path`` (GeoTIFF).
+
+    The raster is run panel by panel (column bands at most ``panel_width`` wide), each top to bottom, so memory
+    depends on neither the raster's width nor its height.
+    """
     control = control or RunControl()
     tile = int(tile_size or model.input_spec.tile_size)
     ov = int(tile // 8 if overlap is None else overlap)
-    grid_rows = tile_grid(pair.height, pair.width, tile, ov)
-    n_tiles = sum(len(r) for r in grid_rows)
+    panels = column_panels(pair.width, tile, ov, panel_width, BLOCK)
+    # (panel, batch) in run order: batches never straddle a tile-row or a panel.
+    work = [(p, batch) for p in panels for row in tile_grid(pair.height, pair.width, tile, ov, p)
+            for batch in iter_batches(row, batch_size)]
+    n_tiles = sum(len(b) for _, b in work)
     device = model.device
     started = time.perf_counter()
     model_time = 0.0
     done = 0
     with rasterio.open(out_path, "w", **probability_profile(pair)) as dst:
-        def sink(row: int, values: np.ndarray, valid: np.ndarray) -> None:
-            values = np.where(valid, values, PROBABILITY_NODATA).astype(np.float32)
-            dst.write(values[None], window=rasterio.windows.Window(0, row, pair.width, values.shape[0]))
-
-        blender = StripBlender(pair.height, pair.width, ov, BLOCK, sink)
-        batches = [b for row in grid_rows for b in iter_batches(row, batch_size)]
+        blender: StripBlender | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="changescribe-read") as reader:
-            pending: Future = reader.submit(_read_batch, pair, batches[0], tile)
+            pending: Future = reader.submit(_read_batch, pair, work[0][1], tile)
+            blender_panel: Panel | None = None
             current_row = -1
-            for i, batch in enumerate(batches):
+            for i, (panel, batch) in enumerate(work):
                 control.check()
                 b_np, a_np, valids = pending.result()
-                if i + 1 < len(batches):
-                    pending = reader.submit(_read_batch, pair, batches[i + 1], tile)
+                if i + 1 < len(work):
+                    pending = reader.submit(_read_batch, pair, work[i + 1][1], tile)
                 t0 = time.perf_counter()
                 before = torch.from_numpy(b_np).to(device, non_blocking=True)
                 after = torch.from_numpy(a_np).to(device, non_blocking=True)
                 prob = run_model(model, before, after)
                 model_time += time.perf_counter() - t0
+                if panel is not blender_panel:  # a panel is done: its last rows out, the next one's buffers in
+                    if blender is not None:
+                        blender.finish()
+                    blender = StripBlender(pair.height, panel.right - panel.left, ov, BLOCK, _panel_sink(dst, panel),
+                                           col_off=panel.left)
+                    blender_panel, current_row = panel, -1
                 for t, p, v in zip(batch, prob, valids):
                     if t.row != current_row:
                         blender.begin_row(t.row, t.height)
@@ -128,7 +151,8 @@ def predict_probability(pair: AlignedPair, model: ChangeModel, out_path: str | P
                     blender.add(t, p[:t.height, :t.width], v)
                 done += len(batch)
                 control.progress(done / n_tiles, f"tile {done}/{n_tiles}")
-        blender.finish()
+        if blender is not None:
+            blender.finish()
     seconds = time.perf_counter() - started
     log.info("inference: %d tiles in %.1f s (%.1f tiles/s, model %.0f%% of the time) on %s", n_tiles, seconds,
              n_tiles / max(seconds, 1e-9), 100 * model_time / max(seconds, 1e-9), device)

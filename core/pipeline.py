@@ -36,7 +36,7 @@ from .version import VERSION
 
 log = logging.getLogger(__name__)
 
-GDAL_CACHE_BYTES = 256 * 2**20
+GDAL_CACHE_BYTES = 64 * 2**20
 
 
 @dataclass

@@ -3,7 +3,9 @@
 Models see fixed-size tiles; their outputs are worst near tile borders (less context), so overlapping
 tiles are blended with weights that fall smoothly to near zero at the border. The blend is streamed
 strip by strip: only about two tile-rows of accumulators are ever in memory, and finished rows go
-straight to the output raster in whole GeoTIFF blocks.
+straight to the output raster in whole GeoTIFF blocks. A wide raster is cut into column panels
+(:func:`column_panels`) blended one after the other, so the accumulators are bounded in width too and memory
+does not grow with the raster in either direction.
 """
 
 from __future__ import annotations
@@ -43,12 +45,59 @@ class Tile:
         return Window(self.col, self.row, self.width, self.height)
 
 
-def tile_grid(height: int, width: int, tile: int, overlap: int) -> list[list[Tile]]:
-    """Tiles grouped by tile-row, in the order the strip blender consumes them."""
+def tile_grid(height: int, width: int, tile: int, overlap: int, panel: "Panel | None" = None) -> list[list[Tile]]:
+    """Tiles (of the whole width, or of one panel) grouped by tile-row, in the order the strip blender takes them."""
     th, tw = min(tile, height), min(tile, width)
     rows = tile_starts(height, tile, overlap)
-    cols = tile_starts(width, tile, overlap)
+    cols = panel.cols if panel is not None else tile_starts(width, tile, overlap)
     return [[Tile(r, c, th, tw) for c in cols] for r in rows]
+
+
+@dataclass(frozen=True)
+class Panel:
+    """A band of tile columns blended on its own.
+
+    Its tiles span columns [``left``, ``right``); it owns (writes) columns [``x0``, ``x1``), where every tile that
+    covers a pixel belongs to the panel, so the blend there equals the whole-width blend exactly. Neighbouring
+    panels share a tile column or two, which are run twice: the price of width-bounded memory.
+    """
+
+    cols: tuple[int, ...]
+    x0: int
+    x1: int
+    tile_width: int
+
+    @property
+    def left(self) -> int:
+        return self.cols[0]
+
+    @property
+    def right(self) -> int:
+        return self.cols[-1] + self.tile_width
+
+
+def column_panels(width: int, tile: int, overlap: int, max_width: int, block: int) -> list[Panel]:
+    """Tile columns grouped into panels at most ``max_width`` wide whose owned ranges meet at block multiples.
+
+    Owned ranges are cut at multiples of ``block`` so each panel writes whole GeoTIFF blocks. ``max_width`` is
+    raised to ``2 * tile + block`` when smaller: below that a panel could own nothing.
+    """
+    starts = tile_starts(width, tile, overlap)
+    tw = min(tile, width)
+    max_width = max(max_width, 2 * tw + block)
+    panels: list[Panel] = []
+    i, x0 = 0, 0
+    while True:
+        j = i
+        while j + 1 < len(starts) and starts[j + 1] + tw - starts[i] <= max_width:
+            j += 1
+        if j == len(starts) - 1:
+            panels.append(Panel(tuple(starts[i:]), x0, width, tw))
+            return panels
+        cut = (starts[j + 1] // block) * block  # tiles right of the panel start at or after this column
+        nxt = next(k for k, s in enumerate(starts) if s + tw > cut)  # first tile that still reaches past the cut
+        panels.append(Panel(tuple(starts[i:j + 1]), x0, cut, tw))
+        i, x0 = nxt, cut
 
 
 def blend_weights(size: int, overlap: int) -> np.ndarray:
@@ -72,13 +121,15 @@ class StripBlender:
     """Accumulates weighted tile predictions and emits finished rows in block-aligned strips.
 
     Tiles must arrive tile-row by tile-row with non-decreasing row offsets (as :func:`tile_grid` yields
-    them). ``sink(row_off, values, valid)`` receives finished rows; ``values`` is the blended prediction
+    them). The accumulators cover columns [``col_off``, ``col_off + width``) (a :class:`Panel`'s tiles).
+    ``sink(row_off, values, valid)`` receives finished rows; ``values`` is the blended prediction
     (h, width) and ``valid`` where any tile had valid data.
     """
 
     def __init__(self, height: int, width: int, overlap: int, block: int,
-                 sink: Callable[[int, np.ndarray, np.ndarray], None]):
+                 sink: Callable[[int, np.ndarray, np.ndarray], None], col_off: int = 0):
         self.height, self.width, self.block = height, width, block
+        self.col_off = col_off
         self.overlap = overlap
         self.sink = sink
         self.start = 0  # first row held in the buffers
@@ -105,9 +156,9 @@ class StripBlender:
         """Add one tile's prediction; ``valid`` zeroes the weight where either image had no data."""
         h, w = values.shape
         weight = self._window(h, w) * valid
-        r = tile.row - self.start
-        self.acc[r:r + h, tile.col:tile.col + w] += values * weight
-        self.wsum[r:r + h, tile.col:tile.col + w] += weight
+        r, c = tile.row - self.start, tile.col - self.col_off
+        self.acc[r:r + h, c:c + w] += values * weight
+        self.wsum[r:r + h, c:c + w] += weight
 
     def finish(self) -> None:
         self._flush(upto=self.height, final=True)

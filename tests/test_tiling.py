@@ -6,10 +6,21 @@ import numpy as np
 import pytest
 import rasterio
 
-from changescribe.core.inference import PROBABILITY_NODATA, predict_probability
+import torch
+
+from changescribe.core.inference import BLOCK, PROBABILITY_NODATA, predict_probability
 from changescribe.core.raster_pair import AlignedPair
-from changescribe.core.tiling import blend_weights, tile_grid, tile_starts
+from changescribe.core.tiling import blend_weights, column_panels, tile_grid, tile_starts
 from conftest import OracleModel, block_pair, oracle_probability, write_geotiff
+
+
+class TileContextModel(OracleModel):
+    """Each pixel's output depends on its whole tile (the tile's mean difference), like a real model's context:
+    blending then matters, and a panel that lacked a covering tile would give a different value."""
+
+    def change_probability(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+        diff = (after - before).abs().mean(dim=1)
+        return torch.sigmoid((diff - diff.mean(dim=(1, 2), keepdim=True)) / 8.0)
 
 
 def test_tile_starts_cover_and_end_flush():
@@ -56,3 +67,45 @@ def test_nodata_is_never_change(tmp_path):
         prob = src.read(1)
     assert np.all(prob[:, :50] == PROBABILITY_NODATA)
     assert np.all(prob[:, 50:] >= 0)
+
+
+@pytest.mark.parametrize("width,tile,overlap,max_width", [(1000, 64, 16, 400), (5000, 256, 32, 1024),
+                                                          (3000, 100, 70, 300), (700, 256, 0, 256),
+                                                          (10240, 256, 32, 8192), (200, 64, 8, 384)])
+def test_column_panels_own_every_column_once_and_completely(width, tile, overlap, max_width):
+    panels = column_panels(width, tile, overlap, max_width, BLOCK)
+    starts = tile_starts(width, tile, overlap)
+    tw = min(tile, width)
+    assert panels[0].x0 == 0 and panels[-1].x1 == width
+    assert all(a.x1 == b.x0 and b.x0 % BLOCK == 0 for a, b in zip(panels, panels[1:]))
+    assert sorted(set(c for p in panels for c in p.cols)) == starts
+    for p in panels:
+        assert p.x0 < p.x1 and p.left <= p.x0 and p.x1 <= p.right
+        assert p.right - p.left <= max(max_width, 2 * tw + BLOCK)
+        # Every tile that touches an owned column is in the panel: the panel's blend there is the whole blend.
+        touching = {s for s in starts if s < p.x1 and s + tw > p.x0}
+        assert touching <= set(p.cols)
+    if width <= max_width:
+        assert len(panels) == 1
+
+
+@pytest.mark.parametrize("tile,overlap", [(64, 16), (64, 40), (96, 0)])
+def test_panels_blend_exactly_like_the_whole_width(tmp_path, tile, overlap):
+    before, after, _ = block_pair(1100)
+    before, after = before[:, :150], after[:, :150]  # wide and short: several panels, a quick run
+    b = write_geotiff(tmp_path / "b.tif", np.ascontiguousarray(before))
+    a = write_geotiff(tmp_path / "a.tif", np.ascontiguousarray(after))
+    results = {}
+    for name, width in (("whole", 10**6), ("panels", 1)):  # 1 is raised to the smallest workable panel
+        out = tmp_path / f"{name}.tif"
+        with AlignedPair(b, a) as pair:
+            stats = predict_probability(pair, TileContextModel(tile), out, tile_size=tile, overlap=overlap,
+                                        batch_size=5, panel_width=width)
+        with rasterio.open(out) as src:
+            results[name] = (src.read(1), stats.tiles)
+    assert len(column_panels(1100, tile, overlap, 1, BLOCK)) >= 3
+    assert results["panels"][1] > results["whole"][1]  # the shared tile columns ran twice
+    assert np.all(results["panels"][0] >= 0)
+    np.testing.assert_allclose(results["panels"][0], results["whole"][0], atol=1e-6)
+    # The context model is not per-pixel: another tile size changes the result, so the comparison can fail.
+    assert not np.allclose(results["whole"][0], oracle_probability(before, after), atol=1e-3)
