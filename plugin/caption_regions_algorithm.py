@@ -18,7 +18,6 @@ from qgis.core import (
     QgsGeometry,
     QgsProcessing,
     QgsProcessingException,
-    QgsProcessingParameterDefinition,
     QgsProcessingParameterFeatureSink,
     QgsProcessingParameterFeatureSource,
     QgsProcessingParameterNumber,
@@ -66,11 +65,7 @@ class CaptionRegionsAlgorithm(ChangeScribeAlgorithm):
                 "caption. Needs a captioning model (Pix4Cap); the captions are only as good as the model.")
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802
-        def add(param, help_text: str, advanced: bool = False):
-            param.setHelp(help_text)
-            if advanced:
-                param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
-            self.addParameter(param)
+        add = self.add_described
 
         add(QgsProcessingParameterRasterLayer(self.BEFORE, "Before (earlier) raster"),
             "The earlier image; its grid is the one the crops are read on.")

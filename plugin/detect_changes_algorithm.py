@@ -14,7 +14,6 @@ from qgis.core import (
     QgsProcessingOutputNumber,
     QgsProcessingOutputString,
     QgsProcessingParameterBoolean,
-    QgsProcessingParameterDefinition,
     QgsProcessingParameterExtent,
     QgsProcessingParameterFileDestination,
     QgsProcessingParameterNumber,
@@ -69,11 +68,7 @@ class DetectChangesAlgorithm(ChangeScribeAlgorithm):
                 "run succeeds.")
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802
-        def add(param, help_text: str, advanced: bool = False):
-            param.setHelp(help_text)
-            if advanced:
-                param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
-            self.addParameter(param)
+        add = self.add_described
 
         add(QgsProcessingParameterRasterLayer(self.BEFORE, "Before (earlier) raster"),
             "The earlier image. Its CRS and pixel grid are the grid of the whole run and of the change regions. "

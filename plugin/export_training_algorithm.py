@@ -9,7 +9,6 @@ from __future__ import annotations
 from qgis.core import (
     QgsProcessing,
     QgsProcessingException,
-    QgsProcessingParameterDefinition,
     QgsProcessingParameterFolderDestination,
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterLayer,
@@ -54,11 +53,7 @@ class ExportTrainingDataAlgorithm(ChangeScribeAlgorithm):
                 "annotation layer before exporting: unsaved edits are not exported.")
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802
-        def add(param, help_text: str, advanced: bool = False):
-            param.setHelp(help_text)
-            if advanced:
-                param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
-            self.addParameter(param)
+        add = self.add_described
 
         add(QgsProcessingParameterVectorLayer(self.ANNOTATIONS, "Annotation store",
                                               [QgsProcessing.TypeVectorPolygon]),

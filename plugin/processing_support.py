@@ -17,6 +17,7 @@ from qgis.core import (
     QgsGeometry,
     QgsProcessingAlgorithm,
     QgsProcessingException,
+    QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
     QgsProcessingParameterFile,
 )
@@ -49,6 +50,13 @@ class ChangeScribeAlgorithm(QgsProcessingAlgorithm):
 
     def createInstance(self) -> "ChangeScribeAlgorithm":  # noqa: N802
         return type(self)()
+
+    def add_described(self, param: QgsProcessingParameterDefinition, help_text: str, advanced: bool = False) -> None:
+        """Add a parameter with the help text QGIS shows for it; ``advanced`` tucks it under Advanced Parameters."""
+        param.setHelp(help_text)
+        if advanced:
+            param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        self.addParameter(param)
 
 
 def import_core(*modules: str) -> list:

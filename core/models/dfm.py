@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import CrossAttentionBlock, FeedForward, LearnedPosition2D, MultiHeadAttention
+from .attention import CrossAttentionBlock, LearnedPosition2D
 from .caption_decoder import CaptionDecoder
 from .change_detector import BITChangeDetector, BITConfig, BITFeatures, PreNormBlock
 from .pretrained import load_clip_vision, may_read_checkpoint

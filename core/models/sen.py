@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import CrossAttentionBlock, FeedForward, LearnedPosition2D, MultiHeadAttention
+from .attention import CrossAttentionBlock, LearnedPosition2D, MultiHeadAttention
 from .backbones import ResNetBackbone
 from .caption_decoder import CaptionDecoder
 

@@ -80,7 +80,7 @@ def body(report):
     sample.mkdir()
     for name in ("sample_before.tif", "sample_after.tif"):
         shutil.copyfile(REPO / "resources" / "sample" / name, sample / name)
-    after = add_raster(sample / "sample_after.tif", "sample_after")  # added first: the guess must still order them
+    add_raster(sample / "sample_after.tif", "sample_after")  # added first: the guess must still order them
     before = add_raster(sample / "sample_before.tif", "sample_before")
     pump(0.2)
     report["guessed"] = [dock.pair.before_layer().name(), dock.pair.after_layer().name()]

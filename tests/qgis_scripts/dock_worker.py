@@ -20,7 +20,7 @@ def body(report):
     report["env_text"] = dock.env_label.text()
     report["env_buttons"] = [dock.env_settings_button.text(), dock.env_create_button.text()]
     before = add_raster(os.environ["CHANGESCRIBE_TEST_BEFORE"], "site_2019_before")
-    after = add_raster(os.environ["CHANGESCRIBE_TEST_AFTER"], "site_2021_after")
+    add_raster(os.environ["CHANGESCRIBE_TEST_AFTER"], "site_2021_after")
     wait_until(lambda: dock.pair.before_layer() is not None, 5)
     report["pair"] = [dock.pair.before_layer().name(), dock.pair.after_layer().name()]
     report["run_enabled_without_torch"] = dock.run_button.isEnabled()
