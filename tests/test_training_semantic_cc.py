@@ -1,6 +1,7 @@
 """The semantic-cc recipe (seed paper 001): the three stages per epoch (which parameters train in each, which
 loss each uses), local SAM / LLM weights (and a clear error when a path is missing), one short run through
-the CLI whose model file the pipeline runs, and an exact resume across stages.
+the CLI whose model file the pipeline runs, an exact resume across stages, and the paper's datasets per stage
+(``data_cd``: the cd stage on its own set, validated there).
 
 Tiny configurations of the real classes on 64 px pairs; one torch thread (many tiny ops on 2 shared cores)."""
 
@@ -262,3 +263,116 @@ def test_stages_under_ddp_two_cpu_processes(tmp_path):
     assert proc.returncode == 0, text[-3000:]
     assert "[rank 0/2] finished: 6 optimizer steps" in text and "[rank 1/2] finished: 6 optimizer steps" in text
     assert read_card(out / "scc-ddp.json")["training"]["processes"] == 2
+
+
+# ---- the paper's datasets per stage (Sec. III-F): D_cd for the cd stage, D_cc and D_cd-cc for the others -------
+CD_SET = {"source": "synthetic", "train_pairs": 6, "val_pairs": 2, "size": 64, "first_seed": 500_000}
+
+
+def write_levircd(root: Path) -> Path:
+    """A LEVIR-CD tree (ROOT/<split>/{A,B,label}, label {0,255}) from synthetic scenes: one 128 x 192 train image
+    (six 64 px crops) and one 64 x 128 val image (two crops)."""
+    import numpy as np
+    from PIL import Image
+
+    from changescribe.core.synthetic import make_pair
+
+    for split, (h, w), seed in (("train", (128, 192), 11), ("val", (64, 128), 12)):
+        p = make_pair(192, seed=seed, p_no_change=0.0)
+        images = {"A": p.before[:3, :h, :w].transpose(1, 2, 0), "B": p.after[:3, :h, :w].transpose(1, 2, 0),
+                  "label": p.change_mask[:h, :w].astype(np.uint8) * 255}
+        for folder, arr in images.items():
+            (root / split / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.ascontiguousarray(arr)).save(root / split / folder / f"{split}_1.png")
+    return root
+
+
+def test_cd_stage_reads_its_own_dataset(tmp_path):
+    """data_cd = a LEVIR-CD tree (6 crops, no captions), data = 4 synthetic captioned pairs, batch 2: the cd stage
+    passes over the 6 crops only (3 steps), cc and joint over the 4 pairs only (2 + 2); validation takes masks
+    from LEVIR-CD val and captions from the synthetic val pairs; the model file runs in the pipeline."""
+    from changescribe.training.datasets import build_dataset
+    from changescribe.training.evaluate import evaluate
+    from changescribe.training.recipes.semantic_cc import MASK_METRICS, build_task
+
+    cd_root = write_levircd(tmp_path / "LEVIR-CD")
+    cfg = _cfg(**{"data_cd": {"source": "levircd", "root": str(cd_root), "crop_size": 64}, "model_name": "scc-2sets"})
+    task = build_task(cfg, tmp_path / "run", Runtime(torch.device("cpu")))
+    seen: dict[str, list[str]] = {}
+
+    def recording(stage):
+        def loss(model, batch, device):
+            seen.setdefault(stage.name, []).extend(batch["name"])
+            return stage.loss(model, batch, device)
+        return loss
+
+    task.stages = tuple(dataclasses.replace(s, loss=recording(s)) for s in task.stages)
+    card = fit(cfg, task, tmp_path / "run")
+    crops = {f"train_1_{r:04d}_{c:04d}" for r in (0, 64) for c in (0, 64, 128)}
+    pairs = {f"synthetic_{i}" for i in range(4)}
+    assert sorted(seen["cd"]) == sorted(crops)  # every crop once, nothing else
+    assert sorted(seen["cc"]) == sorted(pairs) and sorted(seen["joint"]) == sorted(pairs)
+    rows = _rows(tmp_path / "run")
+    assert rows[0]["step"] == "7" and float(rows[0]["loss_cd"]) > 0 and float(rows[0]["loss_joint_cd"]) > 0
+
+    model = load_model(str(card), "cpu")  # the best (= only) epoch's weights, as validation saw them
+    metrics = task.validate(task.module, torch.device("cpu"))
+    on_cd = evaluate(model, build_dataset(cfg.data_cd, "val"), 2)
+    on_cc = evaluate(model, build_dataset(cfg.data, "val"), 2)
+    assert "BLEU-4" in on_cc and "BLEU-4" not in on_cd  # LEVIR-CD has no captions (none generated)
+    assert {k: metrics[k] for k in MASK_METRICS} == {k: on_cd[k] for k in MASK_METRICS}
+    assert {k: metrics[k] for k in MASK_METRICS} != {k: on_cc[k] for k in MASK_METRICS}
+    assert metrics["BLEU-4"] == on_cc["BLEU-4"]
+
+    c = read_card(card)
+    assert c["training"]["train_pairs_per_stage"] == {"cd": 6, "cc": 4, "joint": 4}
+    assert c["data_cd"]["source"] == "levircd" and c["recipe"]["data_cd"]["root"] == str(cd_root)
+    assert "levircd val split (2 pairs)" in c["metrics"]["split"] and "LEVIR-CD" in c["training_data"]
+    assert c["metrics"]["IoU"] == round(metrics["IoU"], 4)
+    pair = write_pair(tmp_path / "pair", "p", size=96, seed=3)
+    result = detect_changes(pair.before, pair.after, str(card), tmp_path / "r.gpkg", device="cpu")
+    assert result.output.exists() and isinstance(result.scene_caption, str) and result.scene_caption
+
+
+def test_staged_resume_with_a_separate_cd_dataset(tmp_path):
+    """Per-stage datasets of different lengths (cd: 3 batches, cc and joint: 2 each) resume bit-exactly."""
+    from changescribe.training.recipes.semantic_cc import train
+
+    over = {"optim.epochs": 2, "optim.warmup_steps": 2, "data_cd": CD_SET}
+    train(_cfg(**over), tmp_path / "straight")
+    train(_cfg(**over, **{"optim.max_steps": 7}), tmp_path / "resumed")  # interrupted after epoch 1
+    assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["epoch"] == 0
+    train(_cfg(**over), tmp_path / "resumed", resume=True)
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 14 and a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["optim"]["state"].keys() == b["optim"]["state"].keys()
+    straight, resumed = _rows(tmp_path / "straight"), _rows(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == ["7", "14"]
+    assert all(straight[1][c] == resumed[1][c] for c in ("loss_cd", "loss_cc", "loss_joint", "val_IoU", "val_BLEU-4"))
+
+
+def test_separate_cd_dataset_refusals(tmp_path):
+    from changescribe.training.__main__ import main
+    from changescribe.training.recipes.semantic_cc import train
+    from test_training_data import write_levircc
+
+    cc = write_levircc(tmp_path / "LEVIR-CC", {"train": 2, "val": 1}, size=64)
+    with pytest.raises(ValueError, match="D_cd-cc"):  # joint stage: the caption set needs masks too
+        train(_cfg(**{"data.source": "levircc", "data.root": str(cc), "data_cd": CD_SET}), tmp_path / "a")
+    with pytest.raises(ValueError, match="no change masks to train the cd stage"):
+        train(_cfg(**{"data_cd": {"source": "levircc", "root": str(cc)}}), tmp_path / "b")
+    with pytest.raises(SystemExit):  # other recipes do not read data_cd: refused rather than ignored
+        main(["pix4cap", "--config", str(REPO / "training" / "configs" / "pix4cap_synthetic.json"), "--out",
+              str(tmp_path / "c"), "--set", f"data_cd={json.dumps(CD_SET)}"])
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_paper_config_puts_levircd_on_the_cd_stage():
+    cfg = load_config(REPO / "training" / "configs" / "semantic_cc_levircc_levircd.json")
+    assert cfg.data_cd.source == "levircd" and cfg.data_cd.crop_size == 256
+    assert cfg.data.source == "levircc" and cfg.data.pseudo_labels  # D_cc, and with masks D_cd-cc
+    assert cfg.config_overrides["cd_loss_weight"] == 0.5 and cfg.optim.epochs == 300 and cfg.optim.batch_size == 1
+    assert load_config(CONFIG).data_cd is None  # one set for all stages unless data_cd is given

@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, _overrides(args.set))
     if cfg.recipe != args.recipe.replace("-", "_") and cfg.recipe != args.recipe:
         ap.error(f"{args.config} is a {cfg.recipe!r} config, not {args.recipe!r}")
+    if cfg.data_cd is not None and args.recipe != "semantic-cc":
+        ap.error(f"data_cd (a separate change-detection set) is read by semantic-cc only, not by {args.recipe}")
     device = str(resolve_device(args.device))
     import importlib
 

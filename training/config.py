@@ -144,6 +144,8 @@ class TrainConfig:
     backbone_init: str | None = None   # sen: the sen-pretrain backbone (.safetensors) the extractor starts from
     pair_with: str | None = None       # sen: the change detector (model name or card) written into the card
     data: DataConfig = field(default_factory=DataConfig)
+    # semantic-cc: the cd stage's own training/validation set (the paper's D_cd, LEVIR-CD); None = ``data``
+    data_cd: DataConfig | None = None
     vocabulary: VocabularyConfig = field(default_factory=VocabularyConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -164,6 +166,9 @@ def _build(cls, d: dict):
     kwargs = {}
     for k, v in d.items():
         sub = hints.get(k)
+        optional = [a for a in typing.get_args(sub) if a is not type(None)]
+        if v is not None and len(optional) == 1 and dataclasses.is_dataclass(optional[0]):
+            sub = optional[0]  # an optional section (data_cd) given in the file
         if dataclasses.is_dataclass(sub):
             if not isinstance(v, dict):
                 raise ValueError(f"{cls.__name__}.{k} must be an object, got {v!r}")
@@ -190,11 +195,14 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
         node = d
         *parents, leaf = key.split(".")
         for p in parents:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:  # absent, or an optional section set to null
+                node[p] = {}
+            node = node[p]
         node[leaf] = value
     cfg = _build(TrainConfig, d)
     base = path.resolve().parent
-    for obj, attr in ((cfg.data, "root"), (cfg.data, "captions"), (cfg.data, "pseudo_labels"),
+    data_cd = [(cfg.data_cd, a) for a in ("root", "captions", "pseudo_labels")] if cfg.data_cd else []
+    for obj, attr in (*data_cd, (cfg.data, "root"), (cfg.data, "captions"), (cfg.data, "pseudo_labels"),
                       (cfg.vocabulary, "path"), (cfg, "cd_model"), (cfg.text_encoder, "path"),
                       (cfg, "backbone_init"), (cfg, "pair_with")):
         value = getattr(obj, attr)

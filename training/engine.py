@@ -140,13 +140,16 @@ LossFn = Callable[[nn.Module, dict, torch.device], tuple[torch.Tensor, dict[str,
 
 @dataclass(frozen=True)
 class Stage:
-    """One pass over the training set inside an epoch, with its own loss; only the parameters that
+    """One pass over a training set inside an epoch, with its own loss; only the parameters that
     ``trainable(name)`` selects (names in the task's module; None = all) and that required grad when
-    :func:`fit` began get gradients. Semantic-CC's three-stage strategy is a tuple of these."""
+    :func:`fit` began get gradients. ``train_set`` is the stage's own data (None = the task's): a stage
+    whose labels live in another dataset (Semantic-CC: change detection on LEVIR-CD, captions on LEVIR-CC)
+    passes over that one. Semantic-CC's three-stage strategy is a tuple of these."""
 
     name: str
     loss: LossFn
     trainable: Callable[[str], bool] | None = None
+    train_set: Dataset | None = None
 
 
 @dataclass
@@ -327,29 +330,56 @@ class RunLog:
 def export_model_file(cfg: TrainConfig, out_dir: str | Path, module, arch_cfg, spec, vocabulary, metrics: dict,
                       run: dict, n_train: int, val_set, **card_fields: Any) -> Path:
     """The best weights as a model file whose card says what data, split and recipe produced them.
-    ``card_fields`` go into the card as they are (SEN: ``pair_with``)."""
+    ``card_fields`` go into the card as they are (SEN: ``pair_with``); ``training_data`` and ``split`` replace
+    the descriptions of ``cfg.data`` (Semantic-CC's second dataset); ``cfg.training_data`` still wins."""
     from changescribe.core.model_file import save_model_file
 
-    from .datasets import describe_data
+    from .datasets import describe_data, describe_split
 
     d = cfg.data
-    if d.source == "synthetic":
-        split = f"held-out synthetic pairs (seeds from {d.first_seed + 1_000_000}, n={d.val_pairs})"
-    else:
-        split = f"{d.source} {d.val_split} split ({len(val_set)} pairs)"
+    split = card_fields.pop("split", None) or describe_split(d, len(val_set))
+    described = card_fields.pop("training_data", None) or describe_data(d, n_train, len(val_set))
     return save_model_file(
         Path(out_dir) / cfg.model_name, module, cfg.architecture, arch_cfg, spec, vocabulary, name=cfg.model_name,
-        version=cfg.model_version, licence=cfg.licence,
-        training_data=cfg.training_data or describe_data(d, n_train, len(val_set)),
+        version=cfg.model_version, licence=cfg.licence, training_data=cfg.training_data or described,
         metrics={"split": split, **{k: round(v, 4) for k, v in metrics.items()}},
         recipe=cfg.to_dict(), data=dataclasses.asdict(d), training=run, **card_fields)
 
 
-def _stage_batches(stages: tuple[Stage, ...], loader: DataLoader, sampler: DistributedSampler, module: nn.Module,
-                   trainable: dict[str, bool], epoch: int, usable: int) -> Iterator[tuple[Stage, dict]]:
-    """Each stage's pass over the training set in turn (its own shuffle), with its parameters trainable.
+Feed = tuple[DataLoader, DistributedSampler, int]  # a stage's loader, its sampler, its batches per epoch
+
+
+def _stage_feeds(stages: tuple[Stage, ...], task: Task, cfg: TrainConfig, rt: Runtime, accumulate: int) -> list[Feed]:
+    """One sharded, shuffled loader per distinct training set (stages sharing a set share it), and each
+    stage's batches per epoch: whole optimiser steps, so accumulation never spans two stages."""
+    o = cfg.optim
+    shared: dict[int, tuple[DataLoader, DistributedSampler]] = {}
+    feeds = []
+    for stage in stages:
+        data = stage.train_set if stage.train_set is not None else task.train_set
+        where = f"stage {stage.name!r}: " if len(stages) > 1 else ""
+        if id(data) not in shared:
+            if len(data) < o.batch_size * rt.world_size:
+                raise ValueError(f"{where}{len(data)} training pairs are fewer than one batch "
+                                 f"({o.batch_size} x {rt.world_size} processes)")
+            sampler = DistributedSampler(data, num_replicas=rt.world_size, rank=rt.rank, shuffle=True,
+                                         seed=cfg.seed, drop_last=True)
+            shared[id(data)] = (DataLoader(data, batch_size=o.batch_size, sampler=sampler, drop_last=True,
+                                           collate_fn=task.collate, num_workers=o.num_workers,
+                                           pin_memory=rt.device.type == "cuda",
+                                           persistent_workers=o.num_workers > 0), sampler)
+        loader, sampler = shared[id(data)]
+        if len(loader) < accumulate:
+            raise ValueError(f"{where}an epoch has {len(loader)} batches, fewer than optim.accumulate={accumulate}")
+        feeds.append((loader, sampler, len(loader) // accumulate * accumulate))
+    return feeds
+
+
+def _stage_batches(stages: tuple[Stage, ...], feeds: list[Feed], module: nn.Module, trainable: dict[str, bool],
+                   epoch: int) -> Iterator[tuple[Stage, dict]]:
+    """Each stage's pass over its training set in turn (its own shuffle), with its parameters trainable.
     One stage shuffles exactly as a plain epoch does (sampler epoch = ``epoch``)."""
-    for s, stage in enumerate(stages):
+    for s, (stage, (loader, sampler, usable)) in enumerate(zip(stages, feeds)):
         sampler.set_epoch(epoch * len(stages) + s)
         for name, p in module.named_parameters():
             p.requires_grad_(trainable[name] and (stage.trainable is None or stage.trainable(name)))
@@ -405,21 +435,12 @@ def fit(cfg: TrainConfig, task: Task, out_dir: str | Path, rt: Runtime | None = 
     rt.barrier()
     device = rt.device
     module = task.module.to(device)
-    if len(task.train_set) < o.batch_size * rt.world_size:
-        raise ValueError(f"{len(task.train_set)} training pairs are fewer than one batch "
-                         f"({o.batch_size} x {rt.world_size} processes)")
     accumulate = max(1, int(o.accumulate))
-    sampler = DistributedSampler(task.train_set, num_replicas=rt.world_size, rank=rt.rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=True)
-    loader = DataLoader(task.train_set, batch_size=o.batch_size, sampler=sampler, drop_last=True,
-                        collate_fn=task.collate, num_workers=o.num_workers,
-                        pin_memory=device.type == "cuda", persistent_workers=o.num_workers > 0)
-    steps_per_epoch = len(loader) // accumulate
-    if steps_per_epoch == 0:
-        raise ValueError(f"an epoch has {len(loader)} batches, fewer than optim.accumulate={accumulate}")
     stages = task.stages or (Stage("train", task.loss),)
+    feeds = _stage_feeds(stages, task, cfg, rt, accumulate)
+    steps_per_epoch = sum(usable for *_, usable in feeds) // accumulate  # all stages
     # the schedule spans the planned epochs (and stages); max_steps only stops early (as an interruption would)
-    total_steps = steps_per_epoch * len(stages) * o.epochs
+    total_steps = steps_per_epoch * o.epochs
     trainable = {n: p.requires_grad for n, p in module.named_parameters()}
 
     opt = build_optimizer([p for p in module.parameters() if p.requires_grad], o)
@@ -467,9 +488,8 @@ def fit(cfg: TrainConfig, task: Task, out_dir: str | Path, rt: Runtime | None = 
             sums: dict[str, float] = {}
             counts: dict[str, int] = {}
             batches = 0
-            usable = steps_per_epoch * accumulate
-            bar = tqdm(_stage_batches(stages, loader, sampler, module, trainable, epoch, usable),
-                       total=usable * len(stages), desc=f"epoch {epoch + 1}/{o.epochs}", leave=False,
+            bar = tqdm(_stage_batches(stages, feeds, module, trainable, epoch),
+                       total=steps_per_epoch * accumulate, desc=f"epoch {epoch + 1}/{o.epochs}", leave=False,
                        disable=not rt.main)
             for i, (stage, batch) in enumerate(bar):
                 boundary = (i + 1) % accumulate == 0

@@ -33,19 +33,21 @@ def evaluate(model: ChangeModel, data, batch_size: int, meteor: bool = False, be
     captions = bool(getattr(model, "can_caption", False))
     detects = bool(getattr(model, "can_detect", True))  # SEN before its pairing: captions only
     loader = DataLoader(data, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
+    referenced = True  # a pair without references voids the caption metrics: stop generating captions
     for batch in loader:
         before, after = batch["before"].float().to(model.device), batch["after"].float().to(model.device)
+        referenced = referenced and all(batch["captions"])
         if detects:
-            pred = model.predict(before, after, with_captions=captions, beam_size=beam_size)
+            pred = model.predict(before, after, with_captions=captions and referenced, beam_size=beam_size)
             scores.update(pred.probability, batch["mask"])
             hyp = pred.captions
         else:
-            hyp = model.caption(before, after, beam_size=beam_size) if captions else None
+            hyp = model.caption(before, after, beam_size=beam_size) if captions and referenced else None
         if captions and hyp is not None:
             refs += batch["captions"]
             hyps += hyp
     out = {k: v for k, v in scores.compute().items() if not math.isnan(v)}
-    if hyps and all(refs):
+    if hyps and referenced:
         out.update(caption_scores(refs, hyps, meteor=meteor))
     return out
 

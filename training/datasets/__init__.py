@@ -22,7 +22,7 @@ from .common import IGNORE, collate
 SOURCES = ("synthetic", "levircc", "levirmci", "levircd")
 VALIDATION_SEED_OFFSET = 1_000_000  # synthetic validation pairs: seeds disjoint from training
 
-__all__ = ["SOURCES", "IGNORE", "collate", "build_dataset", "describe_data"]
+__all__ = ["SOURCES", "IGNORE", "collate", "build_dataset", "describe_data", "describe_split"]
 
 
 def build_dataset(d: DataConfig, split: str, train: bool = False, progress: bool = True):
@@ -62,3 +62,10 @@ def describe_data(d: DataConfig, train_len: int, val_len: int) -> str:
     if d.source == "levircd" and d.crop_size:
         extra = f", {d.crop_size}² crops"
     return f"{name} ({Path(d.root or '').name}): {train_len} {d.train_split} / {val_len} {d.val_split} pairs{extra}"
+
+
+def describe_split(d: DataConfig, val_len: int) -> str:
+    """The validation split a model card's metrics were measured on."""
+    if d.source == "synthetic":
+        return f"held-out synthetic pairs (seeds from {d.first_seed + VALIDATION_SEED_OFFSET}, n={d.val_pairs})"
+    return f"{d.source} {d.val_split} split ({val_len} pairs)"

@@ -9,8 +9,8 @@ What the paper fixes and where it is here:
   image encoder's trainable part (SAM ViT LoRA factors and the BCSFs; everything when ``freeze_pretrained``
   is false), the aggregation neck and the CD decoder; (ii) **cc**: L_cc with the image encoder frozen, trains
   the neck and the caption decoder (Q-Former, query tokens, enhancer, the LLM's LoRA factors); (iii)
-  **joint**: L, trains the neck only, "keeping other parameters frozen". Each stage is a full pass over the
-  training set. One AdamW optimiser and one schedule run through all stages (the paper names one optimiser);
+  **joint**: L, trains the neck only, "keeping other parameters frozen". Each stage is a full pass over its
+  training set (see Data). One AdamW optimiser and one schedule run through all stages (the paper names one optimiser);
   a parameter frozen in a stage has no gradient there, so AdamW neither moves nor decays it.
 * **Optimiser**: AdamW, lr 1e-4, cosine annealing after a linear warm-up, 300 epochs, batch size 1.
 * **Instructions**: one of the paper's four prompts per training batch; inference uses the first.
@@ -23,9 +23,15 @@ What the paper fixes and where it is here:
 
 Documented interpretations:
 
-* **Data.** The paper draws D_cd from LEVIR-CD, D_cc from LEVIR-CC and D_cd-cc from their overlap. Here all
-  three stages read one training set whose pairs carry both a mask and captions: LEVIR-MCI (``levirmci``,
-  also the annotation export), synthetic pairs, or LEVIR-CC with CD pseudo-labels (``levircc``).
+* **Data** (Sec. III-F). The paper trains stage i on D_cd (pairs with a change mask, LEVIR-CD), stage ii on
+  D_cc (pairs with captions, LEVIR-CC) and stage iii on D_cd-cc (the pairs that carry both labels). Here
+  ``data`` is D_cc, and D_cd-cc is ``data`` as well: its pairs must then carry masks too (LEVIR-MCI, LEVIR-CC
+  with ``pseudo_labels``, synthetic pairs), so the joint stage sums both losses over the same pairs, as
+  Eq. 9 is written, rather than mixing batches of two datasets. ``data_cd`` (optional) is D_cd, the cd
+  stage's own set (``levircd`` in the paper configuration); without it all three stages read ``data``.
+  With ``data_cd``, validation reports the mask metrics (IoU, F1, ...) on ``data_cd``'s validation split and
+  the caption metrics on ``data``'s, and a ``data`` without masks is refused (stage iii would have nothing
+  of L_cd to learn from).
 * **Q-Former.** The paper inherits MiniGPT-4's pre-trained Q-Former and keeps it frozen; so does this recipe
   with ``qformer_checkpoint``. Without one, the recipe trains the Q-Former and its queries (in the cc stage)
   rather than freezing random weights.
@@ -47,6 +53,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from changescribe.core.model_api import InputSpec, normalise
 from changescribe.core.models.adapter import TorchChangeModel
@@ -54,8 +61,8 @@ from changescribe.core.models.registry import build_model, config_from_dict, get
 from changescribe.core.models.semantic_cc import WEIGHTS_NOTE, SemanticCC, SemanticCCConfig
 
 from ..caption_vocabulary import build_vocabulary, training_captions
-from ..config import TrainConfig
-from ..datasets import build_dataset
+from ..config import DataConfig, TrainConfig
+from ..datasets import build_dataset, describe_data, describe_split
 from ..datasets.augment import check_for_captions
 from ..engine import Runtime, Stage, Task, export_model_file, fit, runtime, seed_everything
 from ..evaluate import evaluate
@@ -71,6 +78,12 @@ CD_DECODER = ("cd_decoder.",)
 CAPTION_DECODER = ("vision_proj.", "ln_vision.", "query_tokens", "qformer.", "enhancer.", "llm.")
 STAGE_PARTS = {"cd": IMAGE_ENCODER + NECK + CD_DECODER, "cc": NECK + CAPTION_DECODER, "joint": NECK}
 LOSS_PARTS = ("loss_cd", "loss_cc", "loss_joint", "loss_joint_cd", "loss_joint_cc")
+MASK_METRICS = ("Precision", "Recall", "F1", "IoU", "OA")  # training/metrics.py MaskScores
+
+
+def has_masks(d: DataConfig) -> bool:
+    """Whether a data section's pairs carry change masks (D_cd and D_cd-cc need them)."""
+    return d.source in ("synthetic", "levirmci", "levircd") or (d.source == "levircc" and bool(d.pseudo_labels))
 
 
 class StageForward(nn.Module):
@@ -121,8 +134,10 @@ def caption_tokens(tokenizer, captions: list[str], max_len: int) -> tuple[torch.
     return inputs, targets
 
 
-def semantic_cc_stages(model: SemanticCC, spec: InputSpec, max_len: int) -> tuple[Stage, ...]:
-    """The paper's three stages (cd, cc, joint) on a :class:`StageForward` of ``model``."""
+def semantic_cc_stages(model: SemanticCC, spec: InputSpec, max_len: int,
+                       cd_set: Dataset | None = None) -> tuple[Stage, ...]:
+    """The paper's three stages (cd, cc, joint) on a :class:`StageForward` of ``model``; ``cd_set`` is the cd
+    stage's own training set (D_cd; None = the task's)."""
     cfg = model.cfg
     lam = float(cfg.cd_loss_weight)
 
@@ -157,8 +172,8 @@ def semantic_cc_stages(model: SemanticCC, spec: InputSpec, max_len: int) -> tupl
     def selects(parts: tuple[str, ...]):
         return lambda name: name.removeprefix("model.").startswith(parts)
 
-    return (Stage("cd", cd_loss, selects(STAGE_PARTS["cd"])), Stage("cc", cc_loss, selects(STAGE_PARTS["cc"])),
-            Stage("joint", joint_loss, selects(STAGE_PARTS["joint"])))
+    return (Stage("cd", cd_loss, selects(STAGE_PARTS["cd"]), cd_set),
+            Stage("cc", cc_loss, selects(STAGE_PARTS["cc"])), Stage("joint", joint_loss, selects(STAGE_PARTS["joint"])))
 
 
 def architecture_config(cfg: TrainConfig) -> SemanticCCConfig:
@@ -205,19 +220,29 @@ def train(cfg: TrainConfig, out_dir: str | Path, device: str = "cpu", resume: bo
 def build_task(cfg: TrainConfig, out_dir: str | Path, rt: Runtime) -> Task:
     """Model, data, the three stages, validation and export of one run (what :func:`fit` trains)."""
     seed_everything(cfg.seed)
-    d = cfg.data
+    d, dcd = cfg.data, cfg.data_cd
     if d.source == "levircd":
-        raise ValueError("semantic-cc trains captions: LEVIR-CD has none (use levirmci, or levircc with pseudo-labels)")
+        raise ValueError("semantic-cc trains captions: LEVIR-CD has none (use levirmci, or levircc with pseudo-labels)"
+                         "; LEVIR-CD goes into data_cd, the cd stage's own set")
+    if dcd is not None and not has_masks(dcd):
+        raise ValueError(f"data_cd ({dcd.source}) has no change masks to train the cd stage on: use levircd, "
+                         f"levirmci, synthetic, or levircc with data_cd.pseudo_labels")
+    if dcd is not None and not has_masks(d):
+        raise ValueError(f"with data_cd, data ({d.source}) feeds the cc stage and the joint stage, which trains on "
+                         f"pairs with both a mask and captions (the paper's D_cd-cc): give data masks (levirmci, "
+                         f"or levircc with data.pseudo_labels)")
     if cfg.loss_weights:
         raise ValueError("semantic-cc: set Eq. 9's lambda with config_overrides.cd_loss_weight, not loss_weights")
     check_for_captions(d.augment, "semantic-cc")
     arch_cfg = architecture_config(cfg)  # before any data is read: a missing weights path fails at once
     if d.augment.geometric and rt.main:
         log.warning("data.augment.geometric flips/rotates pairs whose captions name positions (left/top/...)")
-    if d.source == "levircc" and not d.pseudo_labels and rt.main:
+    if not has_masks(d) and rt.main:
         log.warning("LEVIR-CC without data.pseudo_labels: no change masks, the cd stage has nothing to learn")
     train_set = build_dataset(d, d.train_split, train=True, progress=rt.main)
     val_set = build_dataset(d, d.val_split, progress=rt.main)
+    cd_train = build_dataset(dcd, dcd.train_split, train=True, progress=rt.main) if dcd is not None else None
+    cd_val = build_dataset(dcd, dcd.val_split, progress=rt.main) if dcd is not None else None
     vocab = None if arch_cfg.llm_path else build_vocabulary(cfg, training_captions(train_set))
     spec = InputSpec(bands=3, tile_size=cfg.tile_size, gsd=cfg.gsd)
     model, arch_cfg = build_model(cfg.architecture, arch_cfg, input_spec=spec, vocabulary=vocab)
@@ -228,25 +253,41 @@ def build_task(cfg: TrainConfig, out_dir: str | Path, rt: Runtime) -> Task:
             log.warning("no qformer_checkpoint: the Q-Former trains from scratch (the paper keeps MiniGPT-4's frozen)")
     module = StageForward(model)
     max_len = vocab.max_length if vocab is not None else arch_cfg.max_caption_length
-    stages = semantic_cc_stages(model, spec, max_len)
+    stages = semantic_cc_stages(model, spec, max_len, cd_train)
 
     def wrap(m: StageForward) -> TorchChangeModel:
         return TorchChangeModel(m.model, spec, vocab, name=cfg.model_name, version=cfg.model_version,
                                 architecture=cfg.architecture)
 
     def validate(m: StageForward, device) -> dict[str, float]:
-        return evaluate(wrap(m), val_set, cfg.optim.batch_size, num_workers=cfg.optim.num_workers)
+        model = wrap(m)
+        metrics = evaluate(model, val_set, cfg.optim.batch_size, num_workers=cfg.optim.num_workers)
+        if cd_val is None or len(cd_val) == 0:
+            return metrics
+        # two datasets: captions from D_cc's validation split, masks from D_cd's
+        masks = evaluate(model, cd_val, cfg.optim.batch_size, num_workers=cfg.optim.num_workers)
+        return {**{k: v for k, v in metrics.items() if k not in MASK_METRICS},
+                **{k: v for k, v in masks.items() if k in MASK_METRICS}}
 
     def score(metrics: dict[str, float]) -> float:
         iou = metrics.get("IoU", 0.0)
         return (0.0 if math.isnan(iou) else iou) + metrics.get("BLEU-4", 0.0)
 
     def export(m: StageForward, metrics: dict[str, float], run: dict) -> Path:
-        return export_model_file(cfg, out_dir, m.model, arch_cfg, spec, vocab, metrics, run, len(train_set), val_set)
+        extra = {}
+        if dcd is not None:
+            extra = {"data_cd": dataclasses.asdict(dcd),
+                     "training_data": f"cc + joint stages: {describe_data(d, len(train_set), len(val_set))}; "
+                                      f"cd stage: {describe_data(dcd, len(cd_train), len(cd_val))}",
+                     "split": f"captions: {describe_split(d, len(val_set))}; masks: {describe_split(dcd, len(cd_val))}"}
+        return export_model_file(cfg, out_dir, m.model, arch_cfg, spec, vocab, metrics, run, len(train_set), val_set,
+                                 **extra)
 
     trained = {p: sum(t.numel() for n, t in model.named_parameters() if t.requires_grad and n.startswith(pre))
                for p, pre in STAGE_PARTS.items()}
     run_info = {"stages": [s.name for s in stages], "cd_loss_weight": arch_cfg.cd_loss_weight,
+                "train_pairs_per_stage": {s.name: len(s.train_set if s.train_set is not None else train_set)
+                                          for s in stages},
                 "trainable_parameters_per_stage": trained,
                 "local_weights": {"sam_checkpoint": arch_cfg.sam_checkpoint, "llm_path": arch_cfg.llm_path,
                                   "qformer_checkpoint": arch_cfg.qformer_checkpoint}}
