@@ -25,6 +25,7 @@ from changescribe.core.models.pairing import PairedChangeModel
 from changescribe.core.models.registry import build_model, get_entry
 from changescribe.core.pipeline import detect_changes
 from changescribe.core.synthetic import write_pair
+from changescribe.core.vocabulary import Vocabulary
 from changescribe.training.__main__ import main as training_main
 from changescribe.training.config import AugmentConfig, config_from_dict, load_config
 from changescribe.training.contrastive import MoCo, backbone_state_dict, info_nce, moco_logits
@@ -301,15 +302,16 @@ def test_stage2_refuses_a_backbone_for_another_extractor_and_a_partner_without_c
 BLEU = [0.5, 0.4, 0.45, 0.3, 0.6, 0.1, 0.2, 0.1]  # new bests at epochs 1 and 5 (1-based)
 
 
-def _plateau_run(out: Path, epochs: int, max_steps: int | None = None, resume: bool = False) -> None:
+def _plateau_run(out: Path, epochs: int, max_steps: int | None = None, resume: bool = False,
+                 groups: list[str] | None = None) -> None:
     cfg = config_from_dict({"recipe": "test", "model_name": "plateau", "seed": 3,
                             "log": {"tensorboard": False, "plot": False},
                             "optim": {"optimizer": "sgd", "lr": 0.1, "momentum": 0.0, "batch_size": 4,
                                       "epochs": epochs, "max_steps": max_steps, "grad_clip": None,
                                       "scheduler": "plateau", "plateau_factor": 0.7, "plateau_patience": 3,
-                                      "plateau_metric": "BLEU-4"}})
+                                      "plateau_metric": "BLEU-4", "plateau_groups": groups}})
     torch.manual_seed(0)
-    module = nn.Linear(3, 1)
+    module = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))  # "encoder" 0, "decoder" 1 (as SEN's groups)
     data = [{"x": torch.randn(3)} for _ in range(4)]
 
     def validate(m, device):  # the metric of epoch e (0-based): log.csv holds e rows while it validates
@@ -317,8 +319,37 @@ def _plateau_run(out: Path, epochs: int, max_steps: int | None = None, resume: b
             return {"BLEU-4": BLEU[len(list(csv.DictReader(f)))]}
 
     task = Task(module, data, data, lambda m, b, d: (m(b["x"]).pow(2).mean(), {}), validate,
-                lambda m: m["BLEU-4"], lambda m, metrics, run: out / "none")
+                lambda m: m["BLEU-4"], lambda m, metrics, run: out / "none",
+                param_group=lambda name: "decoder" if name.startswith("1.") else "encoder")
     fit(cfg, task, out, resume=resume)
+
+
+def test_plateau_decays_only_the_named_group_and_resumes_exactly(tmp_path):
+    """SEN decays the decoder's rate only: the encoder group keeps lr 0.1 while the decoder's falls, across a resume."""
+    _plateau_run(tmp_path / "straight", 8, groups=["decoder"])
+    last = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    lrs = {g["name"]: g["lr"] for g in last["optim"]["param_groups"]}
+    assert lrs == pytest.approx({"encoder": 0.1, "decoder": 0.049})
+    with (tmp_path / "straight" / "log.csv").open() as f:
+        straight = list(csv.DictReader(f))
+    assert [float(r["lr"]) for r in straight] == pytest.approx([0.1] * 4 + [0.07] * 4)  # the decayed group's
+    _plateau_run(tmp_path / "resumed", 8, max_steps=3, groups=["decoder"])
+    _plateau_run(tmp_path / "resumed", 8, resume=True, groups=["decoder"])
+    resumed = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
+    assert {g["name"]: g["lr"] for g in resumed["optim"]["param_groups"]} == lrs
+    for k in last["model"]:
+        assert torch.equal(last["model"][k], resumed["model"][k])
+    with pytest.raises(ValueError, match="plateau_groups.*decoders"):
+        _plateau_run(tmp_path / "typo", 1, groups=["decoders"])
+
+
+def test_sen_optimiser_groups_split_at_the_caption_decoder():
+    module, _ = build_model("sen-small", dataclasses.replace(get_entry("sen-small").config, **TINY_SEN),
+                            input_spec=InputSpec(tile_size=64), vocabulary=Vocabulary.build(["a b c"], min_count=1))
+    groups = {sen.optimiser_group(n) for n, _ in module.named_parameters()}
+    assert groups == {"encoder", "decoder"}
+    decoder = [n for n, _ in module.named_parameters() if sen.optimiser_group(n) == "decoder"]
+    assert all(n.startswith("decoder.") for n in decoder) and any("embed" in n for n in decoder)
 
 
 def test_plateau_decays_after_patience_and_resumes_exactly(tmp_path):

@@ -87,6 +87,9 @@ class OptimConfig:
     plateau_patience: int = 3
     plateau_metric: str | None = None
     plateau_mode: str = "max"
+    # the optimiser groups the plateau decays (names from the recipe's Task.param_group; None = every group):
+    # SEN decays its caption decoder's rate only
+    plateau_groups: list[str] | None = None
     batch_size: int = 32               # per process; the effective batch is batch_size x accumulate x processes
     accumulate: int = 1                # gradient accumulation: optimizer step every N batches
     epochs: int = 40

@@ -176,9 +176,24 @@ class Task:
     find_unused_parameters: bool = False
     extra_run_info: dict[str, Any] = field(default_factory=dict)
     stages: tuple[Stage, ...] = ()
+    # names each parameter's optimiser group (by its name in ``module``), so settings such as
+    # ``optim.plateau_groups`` can address part of the model (SEN: "encoder" / "decoder"); None = one group
+    param_group: Callable[[str], str] | None = None
 
 
 # ---- optimiser, schedule, precision ----------------------------------------------------------------------------
+def parameter_groups(module: nn.Module, group_of: Callable[[str], str] | None) -> list[dict[str, Any]]:
+    """The trainable parameters as named optimiser groups (in first-seen order); one unnamed group without
+    ``group_of``. The names travel in the optimiser's state, so a resumed run finds the same groups."""
+    if group_of is None:
+        return [{"params": [p for p in module.parameters() if p.requires_grad]}]
+    groups: dict[str, list[nn.Parameter]] = {}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(group_of(name), []).append(p)
+    return [{"params": ps, "name": g} for g, ps in groups.items()]
+
+
 def build_optimizer(params, o: OptimConfig) -> torch.optim.Optimizer:
     if o.optimizer == "adam":
         return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
@@ -202,9 +217,10 @@ def build_scheduler(opt: torch.optim.Optimizer, o: OptimConfig, total_steps: int
             raise ValueError("plateau: optim.plateau_mode must be max or min, plateau_patience >= 1 and "
                              "0 < plateau_factor < 1")
         # torch's patience counts the epochs it tolerates: ours counts the one that decays too; threshold 0:
-        # any gain is a new best
+        # any gain is a new best. A group outside plateau_groups gets its own lr as its floor: it never decays.
         return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode=o.plateau_mode, factor=o.plateau_factor,
-                                                          patience=o.plateau_patience - 1, threshold=0.0)
+                                                          patience=o.plateau_patience - 1, threshold=0.0,
+                                                          min_lr=_plateau_floors(opt, o))
     if o.scheduler not in ("linear", "cosine"):
         raise ValueError(f"unknown optim.scheduler {o.scheduler!r}; use none, linear, cosine or plateau")
     warm, total = max(0, o.warmup_steps), max(1, total_steps)
@@ -216,6 +232,25 @@ def build_scheduler(opt: torch.optim.Optimizer, o: OptimConfig, total_steps: int
         return 1.0 - t if o.scheduler == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
 
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _plateau_floors(opt: torch.optim.Optimizer, o: OptimConfig) -> list[float]:
+    names = [g.get("name") for g in opt.param_groups]
+    if o.plateau_groups is None:
+        return [0.0] * len(names)
+    unknown = sorted(set(o.plateau_groups) - set(names))
+    if unknown:
+        raise ValueError(f"optim.plateau_groups {unknown} name no optimiser group; this recipe's groups: "
+                         f"{[n for n in names if n] or 'one unnamed group'}")
+    return [0.0 if g.get("name") in o.plateau_groups else g["lr"] for g in opt.param_groups]
+
+
+def shown_lr(opt: torch.optim.Optimizer, o: OptimConfig) -> float:
+    """The lr the logs show: the first decayed group's when only some groups decay, else the first group's."""
+    for g in opt.param_groups:
+        if o.plateau_groups is None or g.get("name") in o.plateau_groups:
+            return g["lr"]
+    return opt.param_groups[0]["lr"]
 
 
 def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
@@ -408,9 +443,11 @@ def _plateau_step(sched, value: float, rt: Runtime) -> None:
         value = float(t)
     before = [g["lr"] for g in sched.optimizer.param_groups]
     sched.step(value)
-    if rt.main and [g["lr"] for g in sched.optimizer.param_groups] != before:
-        log.info("plateau: no new best for %d epochs, lr x %g -> %g", sched.patience + 1, sched.factor,
-                 sched.optimizer.param_groups[0]["lr"])
+    after = [g["lr"] for g in sched.optimizer.param_groups]
+    if rt.main and after != before:
+        names = [g.get("name") or str(i) for i, g in enumerate(sched.optimizer.param_groups)]
+        log.info("plateau: no new best for %d epochs, lr x %g: %s", sched.patience + 1, sched.factor,
+                 ", ".join(f"{n} {a:g}" for n, a, b in zip(names, after, before) if a != b))
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -443,7 +480,7 @@ def fit(cfg: TrainConfig, task: Task, out_dir: str | Path, rt: Runtime | None = 
     total_steps = steps_per_epoch * o.epochs
     trainable = {n: p.requires_grad for n, p in module.named_parameters()}
 
-    opt = build_optimizer([p for p in module.parameters() if p.requires_grad], o)
+    opt = build_optimizer(parameter_groups(module, task.param_group), o)
     sched = build_scheduler(opt, o, total_steps)
     plateau = isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau)  # stepped per epoch, not per step
     dtype = amp_dtype(o.amp, device)
@@ -523,7 +560,7 @@ def fit(cfg: TrainConfig, task: Task, out_dir: str | Path, rt: Runtime | None = 
                                     **({"stage": stage.name} if len(stages) > 1 else {}))
                     if runlog is not None and step % max(1, cfg.log.every_steps) == 0:
                         runlog.scalar("train/loss", float(loss.detach()), step)
-                        runlog.scalar("train/lr", opt.param_groups[0]["lr"], step)
+                        runlog.scalar("train/lr", shown_lr(opt, o), step)
                 if o.max_steps and step >= o.max_steps:
                     finished = True
                     break
@@ -538,7 +575,7 @@ def fit(cfg: TrainConfig, task: Task, out_dir: str | Path, rt: Runtime | None = 
                 if not math.isfinite(score):
                     score = -math.inf
                 means = {k: v / counts[k] for k, v in sums.items()}  # a stage's parts: over its batches
-                row = {"epoch": epoch + 1, "step": step, "lr": _fmt(opt.param_groups[0]["lr"]),
+                row = {"epoch": epoch + 1, "step": step, "lr": _fmt(shown_lr(opt, o)),
                        "seconds": round(time.perf_counter() - t0, 1)}
                 row.update({c: _fmt(means.get(c, float("nan"))) for c in ("loss", *task.loss_parts)})
                 row.update({f"val_{c}": _fmt(float(metrics.get(c, float("nan")))) for c in task.val_columns})

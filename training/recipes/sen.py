@@ -11,8 +11,9 @@ What the paper fixes (Sec. IV-B-1, IV-F-2) and where it is here (``training/conf
   configurations) keeps conv1/bn1's weights fixed, so the optimiser never sees them; conv2_x onwards train.
 * **Optimiser:** Adam, lr 2e-4, batch 128, at most 40 epochs, seed 42; after each epoch validation BLEU-4, and
   ``optim.scheduler: "plateau"`` multiplies the lr by 0.7 once three epochs in a row bring no new best BLEU-4; the
-  epoch with the best validation BLEU-4 is exported. The paper decays "the decoder's learning rate": one optimiser
-  holds all parameters here, so all of them decay (documented deviation). No gradient clipping (none is stated).
+  epoch with the best validation BLEU-4 is exported. The paper decays "the decoder's learning rate" only: the
+  optimiser holds two groups, ``encoder`` (extractor, P, SFE, CAGD) and ``decoder`` (the caption decoder), and
+  ``optim.plateau_groups: ["decoder"]`` decays the second alone. No gradient clipping (none is stated).
 * **Loss:** caption cross-entropy (Eq. 17), one of the five references per pair and step (as the other LEVIR-CC
   recipes here). Validation decodes greedily (speed); the exported model decodes with beam 3 (``beam_size``).
 * **No change head.** SEN only captions: ``pair_with`` (a change-detector model name, or its card path) is
@@ -121,6 +122,11 @@ def backbone_init(cfg: TrainConfig, sen) -> tuple[InputSpec, dict[str, Any]]:
     return spec, {"backbone_init": info}
 
 
+def optimiser_group(name: str) -> str:
+    """SEN's two learning-rate groups: the caption decoder (its rate decays on a plateau) and all before it."""
+    return "decoder" if name.startswith("decoder.") else "encoder"
+
+
 def _train(cfg: TrainConfig, out_dir: str | Path, rt: Runtime, resume: bool) -> Path | None:
     seed_everything(cfg.seed)
     d = cfg.data
@@ -163,5 +169,6 @@ def _train(cfg: TrainConfig, out_dir: str | Path, rt: Runtime, resume: bool) -> 
                                  **card_fields)
 
     task = Task(module, train_set, val_set, loss, validate, score, export,
-                val_columns=("BLEU-4", "CIDEr-D", "ROUGE-L", "S_m*"), extra_run_info=run_info)
+                val_columns=("BLEU-4", "CIDEr-D", "ROUGE-L", "S_m*"), extra_run_info=run_info,
+                param_group=optimiser_group)
     return fit(cfg, task, out_dir, rt, resume)
