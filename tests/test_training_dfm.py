@@ -6,18 +6,21 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from changescribe.core.model_file import load_model_file, read_card
 from changescribe.core.models.registry import build_model, get_entry
 from changescribe.core.pipeline import detect_changes
 from changescribe.core.synthetic import NO_CHANGE_CAPTIONS, write_pair
 from changescribe.training.config import load_config
-from changescribe.training.losses import change_gate, dfm_loss, gated_contrastive_loss
+from changescribe.training.losses import (change_gate, dfm_loss, gated_contrastive_loss,
+                                          global_gated_contrastive_loss)
 from changescribe.training.recipes import cd_bit, dfm
 from changescribe.training.sentence_encoder import SentenceEncoder, SentenceEncoderMissing, resolve_encoder_path
 
@@ -89,11 +92,67 @@ def test_tgcl_without_any_change_is_zero_with_a_graph():
 def test_dfm_loss_weights_the_two_terms():
     torch.manual_seed(1)
     cap_logits, targets = torch.randn(2, 5, 9), torch.randint(1, 9, (2, 5))
-    sim, gate = torch.randn(2, 2), torch.ones(2)
-    total, parts = dfm_loss(cap_logits, targets, sim, gate, {"caption": 1.0, "tgcl": 0.0})
+    v, t = F.normalize(torch.randn(2, 8), dim=-1), F.normalize(torch.randn(2, 8), dim=-1)
+    scale, gate = torch.tensor(14.0), torch.ones(2)
+    total, parts = dfm_loss(cap_logits, targets, v, t, scale, gate, {"caption": 1.0, "tgcl": 0.0})
     assert total.item() == pytest.approx(parts["loss_cap"])
-    total, parts = dfm_loss(cap_logits, targets, sim, gate, {"caption": 0.5, "tgcl": 2.0})
+    total, parts = dfm_loss(cap_logits, targets, v, t, scale, gate, {"caption": 0.5, "tgcl": 2.0})
     assert total.item() == pytest.approx(0.5 * parts["loss_cap"] + 2.0 * parts["loss_tgcl"], rel=1e-6)
+    assert parts["loss_tgcl"] == pytest.approx(gated_contrastive_loss(scale * v @ t.t(), gate).item())
+
+
+# TGCL under DDP: 8 pairs, 3 of them "no change" (gate 0), split over 2 gloo processes.
+GATE = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+
+
+def _tgcl_toy(seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """Two linear heads (change, caption) and a learnable scale, as DFM's TGCL inputs; same init on every rank."""
+    torch.manual_seed(seed)
+    heads = nn.ModuleDict({"v": nn.Linear(6, 4), "t": nn.Linear(5, 4)})
+    heads.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    return heads, torch.randn(8, 6), torch.randn(8, 5)
+
+
+def _tgcl_global(heads: nn.Module, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    v, t = F.normalize(heads["v"](x), dim=-1), F.normalize(heads["t"](y), dim=-1)
+    return global_gated_contrastive_loss(v, t, heads.logit_scale.exp(), gate)
+
+
+def _tgcl_rank(rank: int, world: int, init: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        heads, x, y = _tgcl_toy()
+        part = slice(rank * 4, rank * 4 + 4)
+        loss = _tgcl_global(heads, x[part], y[part], GATE[part])
+        loss.backward()
+        for p in heads.parameters():  # what DDP does: the mean of the processes' gradients
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= world
+        losses = [torch.zeros(1) for _ in range(world)]
+        torch.distributed.all_gather(losses, loss.detach().reshape(1))
+        if rank == 0:
+            torch.save({"loss": torch.cat(losses).mean(), **{n: p.grad for n, p in heads.named_parameters()}}, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_tgcl_under_ddp_equals_tgcl_on_the_whole_batch(tmp_path):
+    """Negatives and the gate count span all processes: the DDP-averaged gradient is the single-process one."""
+    heads, x, y = _tgcl_toy()
+    single = _tgcl_global(heads, x, y, GATE)
+    single.backward()
+    out = tmp_path / "ddp.pt"
+    port = 29500 + os.getpid() % 1000
+    torch.multiprocessing.spawn(_tgcl_rank, args=(2, f"tcp://127.0.0.1:{port}", str(out)), nprocs=2)
+    ddp = torch.load(out, weights_only=True)
+    assert ddp["loss"].item() == pytest.approx(single.item(), rel=1e-5)
+    for name, p in heads.named_parameters():
+        torch.testing.assert_close(ddp[name], p.grad, rtol=1e-5, atol=1e-6)
+    # without the gathering each process would contrast only its own 4 pairs: a different loss
+    local = sum(gated_contrastive_loss(heads.logit_scale.exp() * F.normalize(heads["v"](x[s]), dim=-1)
+                                       @ F.normalize(heads["t"](y[s]), dim=-1).t(), GATE[s]).item()
+                for s in (slice(0, 4), slice(4, 8))) / 2
+    assert abs(local - single.item()) > 1e-3
 
 
 def test_logit_scale_is_learnable_clip_initialised_and_clamped():
@@ -208,6 +267,35 @@ def test_dfm_refuses_a_missing_or_wrong_cd_model(tmp_path, bit_card, tiny_encode
     with pytest.raises(ValueError, match="contradict the CD model"):
         dfm.train(_dfm_config(bit_card, tiny_encoder_dir,
                               config_overrides={**TINY_DFM, "cd_overrides": {"feature_dim": 32}}), tmp_path / "d")
+
+
+def test_dfm_starts_its_vit_from_local_clip_weights(tmp_path, bit_card, tiny_encoder_dir):
+    """config_overrides.clip_checkpoint (the paper config names one) initialises the ViT; missing, it stops at once."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    with pytest.raises(FileNotFoundError, match="clip_checkpoint: nothing at .*absent"):
+        dfm.train(_dfm_config(bit_card, tiny_encoder_dir,
+                              config_overrides={**TINY_DFM, "clip_checkpoint": str(tmp_path / "absent")}), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    torch.manual_seed(7)
+    clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=1,
+                                            num_attention_heads=2, image_size=64, patch_size=16,
+                                            hidden_act="quick_gelu"))
+    clip.save_pretrained(tmp_path / "clip")
+    overrides = {**TINY_DFM, "vit_activation": "quick_gelu", "clip_checkpoint": str(tmp_path / "clip")}
+    card = dfm.train(_dfm_config(bit_card, tiny_encoder_dir, config_overrides=overrides), tmp_path / "run")
+    vit = load_model_file(card).module.vit.state_dict()
+    patch = clip.state_dict()["embeddings.patch_embedding.weight"]
+    # two Adam steps at lr 1e-4 move a weight by at most ~2e-4; a random start would be nowhere near CLIP's
+    torch.testing.assert_close(vit["conv1.weight"], patch, atol=1e-3, rtol=0)
+    assert (vit["conv1.weight"] - patch).abs().max() > 0  # and the ViT did train
+    assert read_card(card)["config"]["clip_checkpoint"] == str((tmp_path / "clip").resolve())
+
+
+def test_paper_config_names_clip_weights():
+    cfg = load_config(CONFIGS / "dfm_levircc.json")
+    assert cfg.config_overrides["clip_checkpoint"].endswith("ViT-B-32.pt")
+    assert dfm.clip_checkpoint(load_config(CONFIGS / "dfm_synthetic.json")) is None
 
 
 def test_shipped_minilm_wheel_embeds_paraphrases_closer_than_unrelated_captions():

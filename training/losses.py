@@ -87,11 +87,38 @@ def gated_contrastive_loss(logits: torch.Tensor, gate: torch.Tensor, eps: float 
     return 0.5 * ((gate * i2t).sum() / valid + (gate * t2i).sum() / valid)
 
 
-def dfm_loss(cap_logits: torch.Tensor, targets: torch.Tensor, sim_logits: torch.Tensor, gate: torch.Tensor,
-             weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
-    """DFM Eq. 6: ``weights["caption"] * L_cap + weights["tgcl"] * L_TGCL``; also returns the parts."""
+def global_gated_contrastive_loss(v: torch.Tensor, t: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor,
+                                  eps: float = 1e-8) -> torch.Tensor:
+    """TGCL over the whole batch of all processes: unit embeddings ``v`` (pairs) and ``t`` (captions), ``scale``
+    = exp(t). Alone it is :func:`gated_contrastive_loss` of ``scale * v @ t.T``.
+
+    Under DDP every process's pairs and captions are gathered (with gradient), so each anchor meets the global
+    batch's negatives, as CLIP-style losses do; each process scores its own anchors against them, over the
+    global count of gated anchors. DDP averages gradients over the W processes, so the local value is scaled by
+    W: the averaged gradient is then exactly that of TGCL on the concatenated batch."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return gated_contrastive_loss(scale * v @ t.t(), gate, eps)
+    from torch.distributed.nn.functional import all_gather
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    gate = gate.to(device=v.device, dtype=v.dtype)
+    v_all, t_all = torch.cat(all_gather(v)), torch.cat(all_gather(t))
+    gates = [torch.empty_like(gate) for _ in range(world)]
+    dist.all_gather(gates, gate)
+    target = torch.arange(v.shape[0], device=v.device) + rank * v.shape[0]  # equal batches (DistributedSampler)
+    i2t = F.cross_entropy(scale * v @ t_all.t(), target, reduction="none")
+    t2i = F.cross_entropy(scale * t @ v_all.t(), target, reduction="none")
+    valid = torch.cat(gates).sum() + eps
+    return world * 0.5 * ((gate * i2t).sum() + (gate * t2i).sum()) / valid
+
+
+def dfm_loss(cap_logits: torch.Tensor, targets: torch.Tensor, v: torch.Tensor, t: torch.Tensor,
+             scale: torch.Tensor, gate: torch.Tensor, weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+    """DFM Eq. 6: ``weights["caption"] * L_cap + weights["tgcl"] * L_TGCL`` (TGCL over all processes' pairs);
+    also returns the parts."""
     cap = caption_loss(cap_logits, targets)
-    tgcl = gated_contrastive_loss(sim_logits, gate)
+    tgcl = global_gated_contrastive_loss(v, t, scale, gate)
     total = weights["caption"] * cap + weights["tgcl"] * tgcl
     return total, {"loss_cap": float(cap.detach()), "loss_tgcl": float(tgcl.detach())}
 

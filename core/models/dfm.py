@@ -213,12 +213,19 @@ class DFM(nn.Module):
         """Frozen sentence-encoder embeddings (B, text_dim) -> the visual latent space (B, vit_width)."""
         return self.text_proj(text_embedding)
 
+    def contrastive_embeddings(self, feats: DFMFeatures, text_embedding: torch.Tensor
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """TGCL's unit-length change and caption embeddings (B, vit_width) and the learnable logit scale
+        ``exp(t)`` (clamped at 100 as in CLIP): apart, so training can gather them over processes first."""
+        v = F.normalize(self.contrastive_embedding(feats), dim=-1)
+        t = F.normalize(self.project_text(text_embedding), dim=-1)
+        return v, t, self.logit_scale.exp().clamp(max=100.0)
+
     def contrastive_logits(self, feats: DFMFeatures, text_embedding: torch.Tensor) -> torch.Tensor:
         """The TGCL similarity matrix ``exp(t) * cos(v_i, t_j)`` (B_img, B_txt); gating and the symmetric
         cross-entropy are applied by the training loss."""
-        v = F.normalize(self.contrastive_embedding(feats), dim=-1)
-        t = F.normalize(self.project_text(text_embedding), dim=-1)
-        return self.logit_scale.exp().clamp(max=100.0) * v @ t.t()
+        v, t, scale = self.contrastive_embeddings(feats, text_embedding)
+        return scale * v @ t.t()
 
     def forward(self, before: torch.Tensor, after: torch.Tensor, tokens: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:

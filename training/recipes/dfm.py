@@ -18,9 +18,14 @@ What the paper fixes (Sec. III-B, III-C, IV-A) and where it is here:
 Documented interpretations (the stored paper text lost its equations' symbols and every hyper-parameter
 value): both loss weights 1.0; Adam with RSCaMa's settings (DFM's baseline code: lr 1e-4, effective batch
 64, 80 epochs, no gradient clipping); one of the five references per pair and step feeds both losses; the
-best epoch is the one with the best validation BLEU-4 (RSCaMa keeps its best BLEU-4 too). Under DDP each
-process contrasts its own batch (no all-gather). The ViT starts from random weights: no local CLIP ViT-B/32
-loader exists yet.
+best epoch is the one with the best validation BLEU-4 (RSCaMa keeps its best BLEU-4 too).
+
+* **Vision encoder init.** ``config_overrides.clip_checkpoint`` names LOCAL CLIP ViT-B/32 weights (OpenAI's
+  ``ViT-B-32.pt``, an open_clip file or a Hugging Face CLIP folder; :mod:`changescribe.core.models.pretrained`)
+  that initialise DFM's ViT, as in DFM's CLIP-based baseline. The paper config names one; a missing file stops
+  the run before any data is read. Set it to null to start the ViT from random weights (the synthetic config).
+* **DDP.** TGCL gathers every process's change and caption embeddings (with gradient), so negatives and the
+  gate's count span the global batch, exactly as on one device (``losses.global_gated_contrastive_loss``).
 """
 
 from __future__ import annotations
@@ -64,11 +69,12 @@ class TGCLForward(nn.Module):
         super().__init__()
         self.dfm = dfm
 
-    def forward(self, before: torch.Tensor, after: torch.Tensor, tokens: torch.Tensor,
-                text_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, before: torch.Tensor, after: torch.Tensor, tokens: torch.Tensor, text_embedding: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Caption logits, then TGCL's change and caption embeddings and logit scale."""
         feats = self.dfm.encode(before, after)
         memory, _ = self.dfm.caption_memory(feats)
-        return self.dfm.decoder(tokens, memory), self.dfm.contrastive_logits(feats, text_embedding)
+        return (self.dfm.decoder(tokens, memory), *self.dfm.contrastive_embeddings(feats, text_embedding))
 
 
 def loss_weights(cfg: TrainConfig) -> dict[str, float]:
@@ -96,8 +102,23 @@ def train(cfg: TrainConfig, out_dir: str | Path, device: str = "cpu", resume: bo
         return _train(cfg, out_dir, rt, resume)
 
 
-def _arch_config(cfg: TrainConfig, cd_overrides: dict, text_dim: int):
-    """The DFM config: the registry entry + ``config_overrides``, with the CD model's BIT and the encoder's width."""
+def clip_checkpoint(cfg: TrainConfig) -> str | None:
+    """``config_overrides.clip_checkpoint`` made absolute, checked before any data or model is read."""
+    given = cfg.config_overrides.get("clip_checkpoint")
+    if not given:
+        return None
+    path = Path(given).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"config_overrides.clip_checkpoint: nothing at {path}. DFM's ViT starts from CLIP ViT-B/32 weights on "
+            "local disk (OpenAI's ViT-B-32.pt, an open_clip ViT-B-32 file or a Hugging Face CLIP folder; nothing "
+            "is downloaded); put them there, or set clip_checkpoint to null to train the ViT from random weights")
+    return str(path.resolve())
+
+
+def _arch_config(cfg: TrainConfig, cd_overrides: dict, text_dim: int, clip: str | None = None):
+    """The DFM config: the registry entry + ``config_overrides``, with the CD model's BIT, the encoder's width and
+    the CLIP weights' absolute path."""
     entry = get_entry(cfg.architecture)
     if entry.builder is not DFM:
         raise ValueError(f"the dfm recipe trains DFM architectures (dfm, dfm-small), not {cfg.architecture!r}")
@@ -107,7 +128,8 @@ def _arch_config(cfg: TrainConfig, cd_overrides: dict, text_dim: int):
                          f"({cd_overrides}); leave it out, the recipe takes it from cd_model")
     if "text_dim" in given and int(given["text_dim"]) != text_dim:
         raise ValueError(f"config_overrides.text_dim {given['text_dim']} != the sentence encoder's {text_dim} dims")
-    return dataclasses.replace(entry.config, **{**given, "cd_overrides": cd_overrides, "text_dim": text_dim})
+    return dataclasses.replace(entry.config, **{**given, "cd_overrides": cd_overrides, "text_dim": text_dim,
+                                                "clip_checkpoint": clip})
 
 
 def _train(cfg: TrainConfig, out_dir: str | Path, rt: Runtime, resume: bool) -> Path | None:
@@ -117,6 +139,9 @@ def _train(cfg: TrainConfig, out_dir: str | Path, rt: Runtime, resume: bool) -> 
         raise ValueError("dfm trains captions: LEVIR-CD has none (use levircc or levirmci)")
     check_for_captions(d.augment, "dfm")
     weights = loss_weights(cfg)
+    clip = clip_checkpoint(cfg)
+    if clip is None and rt.main:
+        log.warning("dfm: no config_overrides.clip_checkpoint - the ViT starts from random weights, not CLIP's")
     if not cfg.cd_model:
         raise ValueError("dfm needs cd_model: a bit-cd model file (train one with the cd-bit recipe), whose "
                          "weights become DFM's pre-trained CD encoder")
@@ -133,7 +158,7 @@ def _train(cfg: TrainConfig, out_dir: str | Path, rt: Runtime, resume: bool) -> 
     vocab = build_vocabulary(cfg, training_captions(train_set))
     # the frozen BIT must see inputs normalised as in its own training
     spec = InputSpec(bands=3, mean=cd_spec.mean, std=cd_spec.std, tile_size=cfg.tile_size, gsd=cfg.gsd)
-    arch_cfg = _arch_config(cfg, cd_overrides, encoder.dim)
+    arch_cfg = _arch_config(cfg, cd_overrides, encoder.dim, clip)
     dfm, arch_cfg = build_model(cfg.architecture, arch_cfg, input_spec=spec, vocabulary=vocab)
     dfm.load_cd_weights(cfg.cd_model)
     module = TGCLForward(dfm)
@@ -144,8 +169,9 @@ def _train(cfg: TrainConfig, out_dir: str | Path, rt: Runtime, resume: bool) -> 
         # One of the five references per pair and step, for both losses (reseeded per epoch by the engine).
         captions = [random.choice(caps) if caps else "" for caps in batch["captions"]]
         tokens = vocab.encode(captions).to(device)
-        cap_logits, sim = model(before, after, tokens[:, :-1], encoder.encode(captions))
-        total, parts = dfm_loss(cap_logits.float(), tokens[:, 1:], sim.float(), change_gate(captions), weights)
+        cap_logits, v, t, scale = model(before, after, tokens[:, :-1], encoder.encode(captions))
+        total, parts = dfm_loss(cap_logits.float(), tokens[:, 1:], v.float(), t.float(), scale.float(),
+                                change_gate(captions), weights)
         parts["logit_scale"] = float(dfm.logit_scale.detach().exp())
         return total, parts
 
