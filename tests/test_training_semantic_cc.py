@@ -364,10 +364,12 @@ def test_separate_cd_dataset_refusals(tmp_path):
         train(_cfg(**{"data.source": "levircc", "data.root": str(cc), "data_cd": CD_SET}), tmp_path / "a")
     with pytest.raises(ValueError, match="no change masks to train the cd stage"):
         train(_cfg(**{"data_cd": {"source": "levircc", "root": str(cc)}}), tmp_path / "b")
+    with pytest.raises(ValueError, match="data_cd pairs are 32x32 px but data pairs are 64x64"):
+        train(_cfg(**{"data_cd": {**CD_SET, "size": 32}}), tmp_path / "d")
     with pytest.raises(SystemExit):  # other recipes do not read data_cd: refused rather than ignored
         main(["pix4cap", "--config", str(REPO / "training" / "configs" / "pix4cap_synthetic.json"), "--out",
               str(tmp_path / "c"), "--set", f"data_cd={json.dumps(CD_SET)}"])
-    assert not any((tmp_path / d).exists() for d in "abc")
+    assert not any((tmp_path / d).exists() for d in "abcd")
 
 
 def test_paper_config_puts_levircd_on_the_cd_stage():

@@ -217,6 +217,16 @@ def train(cfg: TrainConfig, out_dir: str | Path, device: str = "cpu", resume: bo
         return fit(cfg, build_task(cfg, out_dir, rt), out_dir, rt, resume)
 
 
+def _check_same_size(cc_set: Dataset, cd_set: Dataset) -> None:
+    """The ViT's position embedding fixes one image size: a D_cd of another size would fail mid-epoch."""
+    if not len(cc_set) or not len(cd_set):
+        return
+    cc, cd = tuple(cc_set[0]["before"].shape[-2:]), tuple(cd_set[0]["before"].shape[-2:])
+    if cc != cd:
+        raise ValueError(f"data_cd pairs are {cd[1]}x{cd[0]} px but data pairs are {cc[1]}x{cc[0]} px; Semantic-CC "
+                         f"trains at one image size: set data_cd.crop_size (LEVIR-CD) or data_cd.size to match")
+
+
 def build_task(cfg: TrainConfig, out_dir: str | Path, rt: Runtime) -> Task:
     """Model, data, the three stages, validation and export of one run (what :func:`fit` trains)."""
     seed_everything(cfg.seed)
@@ -243,6 +253,8 @@ def build_task(cfg: TrainConfig, out_dir: str | Path, rt: Runtime) -> Task:
     val_set = build_dataset(d, d.val_split, progress=rt.main)
     cd_train = build_dataset(dcd, dcd.train_split, train=True, progress=rt.main) if dcd is not None else None
     cd_val = build_dataset(dcd, dcd.val_split, progress=rt.main) if dcd is not None else None
+    if cd_train is not None:
+        _check_same_size(train_set, cd_train)
     vocab = None if arch_cfg.llm_path else build_vocabulary(cfg, training_captions(train_set))
     spec = InputSpec(bands=3, tile_size=cfg.tile_size, gsd=cfg.gsd)
     model, arch_cfg = build_model(cfg.architecture, arch_cfg, input_spec=spec, vocabulary=vocab)
