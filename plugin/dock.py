@@ -16,6 +16,7 @@ from typing import Any
 from qgis.core import Qgis, QgsApplication, QgsMessageLog, QgsProject, QgsRasterLayer
 from qgis.gui import QgsCollapsibleGroupBox, QgsDockWidget
 from qgis.PyQt.QtWidgets import (
+    QComboBox,
     QFrame,
     QHBoxLayout,
     QLabel,
@@ -150,6 +151,7 @@ class ChangeScribeDock(QgsDockWidget):
         box.addWidget(self.results, 1)
         box.addWidget(self.annotate_box)
         box.addWidget(log_box)
+        fit_dock_width(inner)
         scroll = QScrollArea()
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QFrame.Shape.NoFrame)
@@ -407,6 +409,17 @@ class ChangeScribeDock(QgsDockWidget):
             except (RuntimeError, TypeError):
                 pass
         self.results.table.set_layer(None)
+
+
+def fit_dock_width(root: QWidget) -> None:
+    """Let every picker shrink to the width QGIS gives a new dock (about 300 px).
+
+    A combo box asks by default for the width of its longest item (a long layer name, a device with its GPU's
+    name), which forced the whole dock wider than its default and hid the buttons on the right.
+    """
+    for combo in root.findChildren(QComboBox):
+        combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        combo.setMinimumContentsLength(8)
 
 
 def _label(name: str) -> QLabel:

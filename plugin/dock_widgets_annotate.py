@@ -26,12 +26,12 @@ from qgis.PyQt.QtWidgets import (
     QCheckBox,
     QComboBox,
     QFileDialog,
-    QGridLayout,
     QHBoxLayout,
     QLabel,
     QLineEdit,
     QPlainTextEdit,
     QPushButton,
+    QVBoxLayout,
     QWidget,
 )
 
@@ -120,35 +120,25 @@ class AnnotatePanel(QWidget):
         self.status_label.setWordWrap(True)
         self.status_label.setObjectName("changescribe_annotation_status")
 
-        grid = QGridLayout(self)
-        grid.setContentsMargins(0, 0, 0, 0)
-        store_row = QHBoxLayout()
-        store_row.addWidget(self.store_edit, 1)
-        store_row.addWidget(self.open_button)
-        store_row.addWidget(self.new_button)
-        grid.addWidget(QLabel("Store"), 0, 0)
-        grid.addLayout(store_row, 0, 1)
-        draw_row = QHBoxLayout()
-        draw_row.addWidget(self.rect_button)
-        draw_row.addWidget(self.poly_button)
-        draw_row.addStretch(1)
-        grid.addLayout(draw_row, 1, 1)
-        grid.addWidget(QLabel("Suggested"), 2, 0)
-        grid.addWidget(self.suggested_label, 2, 1)
-        grid.addWidget(QLabel("Caption"), 3, 0)
-        grid.addWidget(self.caption_edit, 3, 1)
-        grid.addWidget(QLabel("Class"), 4, 0)
+        # One column, labels above their fields: reads at the dock's default width (about 300 px).
+        box = QVBoxLayout(self)
+        box.setContentsMargins(0, 0, 0, 0)
+        box.addWidget(QLabel("Store"))
+        box.addWidget(self.store_edit)
+        box.addLayout(_row(self.open_button, self.new_button))
+        box.addLayout(_row(self.rect_button, self.poly_button))
+        box.addWidget(QLabel("Suggested"))
+        box.addWidget(self.suggested_label)
+        box.addWidget(QLabel("Caption"))
+        box.addWidget(self.caption_edit)
         cls_row = QHBoxLayout()
-        cls_row.addWidget(self.class_combo)
-        cls_row.addWidget(self.no_change_check)
-        cls_row.addStretch(1)
-        grid.addLayout(cls_row, 4, 1)
-        btn_row = QHBoxLayout()
-        btn_row.addWidget(self.save_button)
-        btn_row.addStretch(1)
-        btn_row.addWidget(self.export_button)
-        grid.addLayout(btn_row, 5, 1)
-        grid.addWidget(self.status_label, 6, 0, 1, 2)
+        cls_row.addWidget(QLabel("Class"))
+        cls_row.addWidget(self.class_combo, 1)
+        box.addLayout(cls_row)
+        box.addWidget(self.no_change_check)
+        box.addLayout(_row(self.save_button))
+        box.addLayout(_row(self.export_button))
+        box.addWidget(self.status_label)
 
         self.open_button.clicked.connect(self._open_clicked)
         self.new_button.clicked.connect(self._new_clicked)
@@ -359,6 +349,15 @@ class AnnotatePanel(QWidget):
             self.canvas.mapToolSet.disconnect(self._tool_changed)
         except (RuntimeError, TypeError):
             pass
+
+
+def _row(*widgets: QWidget) -> QHBoxLayout:
+    """Buttons side by side, left-aligned."""
+    row = QHBoxLayout()
+    for w in widgets:
+        row.addWidget(w)
+    row.addStretch(1)
+    return row
 
 
 def _layer_date(layer) -> str:

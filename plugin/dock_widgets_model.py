@@ -56,7 +56,9 @@ def card_html(card: dict[str, Any]) -> str:
     rows += [e(line) for line in metric_lines(card.get("metrics") or {})]
     if card.get("licence"):
         rows.append(f"Licence: {e(str(card['licence']))}")
-    rows.append(f"<span style='color:gray'>{e(card.get('path', ''))}</span>")
+    # zero-width spaces after the separators let a long path wrap at the dock's width instead of running off it
+    path = e(card.get("path", "")).replace("/", "/\u200b").replace("\\", "\\\u200b")
+    rows.append(f"<span style='color:gray'>{path}</span>")
     return "<br>".join(rows)
 
 
@@ -117,7 +119,8 @@ class ModelPanel(QWidget):
             self.device_combo.addItem(label, key)
         self.threshold_spin = _double(0.01, 0.99, 0.05, 3, "Pixels at or above this change probability are change")
         self.min_area_spin = _double(0.0, 1e9, 10.0, 1, "Drop change regions smaller than this", " m²")
-        self.probability_check = QCheckBox("Add the change probability raster (hidden)")
+        self.probability_check = QCheckBox("Add the change probability raster")
+        self.probability_check.setToolTip("Also add the 0–1 change probability map to the project, hidden")
         self.tile_spin = _int(0, 4096, "Tile size in pixels; 0 = the model's", special="model's")
         self.overlap_spin = _int(-1, 2048, "Overlap between tiles in pixels; -1 = tile/8", special="tile/8")
         self.batch_spin = _int(1, 256, "Tiles per batch: more is faster on a GPU but needs more memory")
@@ -131,11 +134,15 @@ class ModelPanel(QWidget):
         adv.addRow("Overlap", self.overlap_spin)
         adv.addRow("Batch size", self.batch_spin)
         adv.addRow(self.gsd_check)
-        form = QFormLayout(self)
-        form.setContentsMargins(0, 0, 0, 0)
-        form.addRow("Model", self.model_combo)
-        form.addRow("", self.card_summary)
-        form.addRow(self.card_box)
+        # The picker, its summary and card take the full width (under the dock's "Model" heading): word-wrapped
+        # labels inside a form row get too little height, and a label column would squeeze the model's name.
+        box = QVBoxLayout(self)
+        box.setContentsMargins(0, 0, 0, 0)
+        box.addWidget(self.model_combo)
+        box.addWidget(self.card_summary)
+        box.addWidget(self.card_box)
+        form = QFormLayout()
+        box.addLayout(form)
         form.addRow("Device", self.device_combo)
         form.addRow("Threshold", self.threshold_spin)
         form.addRow("Minimum area", self.min_area_spin)

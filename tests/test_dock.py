@@ -184,3 +184,14 @@ def test_results_never_go_into_the_plugin_folder(tmp_path):
 
     assert _inside(PLUGIN_DIR / "out", PLUGIN_DIR) and _inside(PLUGIN_DIR, PLUGIN_DIR)
     assert not _inside(tmp_path / "ChangeScribe", PLUGIN_DIR)
+
+
+def test_dock_reads_at_its_default_width(tmp_path):
+    """Issue 14: nothing is cut off at the width QGIS gives a new dock, with Annotate folded or open."""
+    r = run_qgis(tmp_path, "dock_layout.py", with_torch=True)
+    assert r["run"]["finished"] and not r["run"]["error"], r["run"]
+    assert r["dock_width"] == r["width_after_run"] == r["open_width"] < 360, r  # never widened to fit
+    for state in ("folded", "open"):
+        facts = r[state]
+        assert facts["cut"] == [] and facts["hscroll"] == 0 and facts["inner"] <= facts["viewport"], (state, facts)
+    assert {"dock_folded.png", "dock_open.png"} <= set(r["screenshots"])

@@ -1,0 +1,82 @@
+"""Inside a real QGIS desktop whose Python imports torch: the dock reads at the width QGIS gives a new dock.
+
+Opens the dock from the toolbar (its default width, never resized), adds the sample pair, runs it, then checks
+with *Annotate* folded and with every foldable box open that no visible child widget is cut off: each lies
+inside the scroll area's viewport horizontally, no horizontal scroll bar is needed, and word-wrapped labels get
+the height their text needs.
+Writes a JSON report and exits QGIS.
+"""
+
+import os
+import shutil
+import sys
+
+sys.path.insert(0, os.path.join(os.environ["CHANGESCRIBE_TEST_REPO"], "tests", "qgis_scripts"))
+
+from dock_helpers import REPO, WORK, add_raster, finish, open_dock, pump, run_and_wait, wait_until  # noqa: E402
+from qgis.core import QgsSettings  # noqa: E402
+from qgis.PyQt.QtCore import QPoint, QTimer  # noqa: E402
+from qgis.PyQt.QtWidgets import QAbstractButton, QAbstractScrollArea, QLabel, QWidget  # noqa: E402
+
+OUT = WORK / "out"
+SHOTS = WORK / "shots"
+
+
+def cut_off(dock) -> dict:
+    """Visible widgets of the dock that do not fit its visible width, or labels shorter than their text."""
+    scroll = dock.widget()
+    view, inner = scroll.viewport(), scroll.widget()
+    width = view.width()
+    bad = []
+    for w in inner.findChildren(QWidget):
+        if not w.isVisible() or w.width() <= 0 or w.height() <= 0:
+            continue
+        parent, nested = w.parentWidget(), False
+        while parent is not None and parent is not inner:  # the insides of a table or text box scroll by design
+            nested = nested or isinstance(parent, QAbstractScrollArea)
+            parent = parent.parentWidget()
+        if nested:
+            continue
+        left = w.mapTo(view, QPoint(0, 0)).x()
+        name = f"{type(w).__name__}:{w.objectName() or (w.text()[:30] if hasattr(w, 'text') else '')}"
+        if left < 0 or left + w.width() > width:
+            bad.append(f"{name} spans {left}..{left + w.width()} of {width}")
+        elif isinstance(w, QLabel) and w.wordWrap() and w.text() and w.height() < w.heightForWidth(w.width()):
+            bad.append(f"{name} is {w.height()} px high, its text needs {w.heightForWidth(w.width())}")
+        elif isinstance(w, (QLabel, QAbstractButton)) and not (isinstance(w, QLabel) and w.wordWrap()) \
+                and w.width() < w.minimumSizeHint().width():
+            bad.append(f"{name} is {w.width()} px wide, needs {w.minimumSizeHint().width()}")
+    return {"viewport": width, "inner": inner.width(), "hscroll": scroll.horizontalScrollBar().maximum(),
+            "cut": bad}
+
+
+def body(report):
+    settings = QgsSettings()
+    settings.setValue("changescribe/output_folder", str(OUT))
+    plugin, dock = open_dock()
+    pump(0.5)
+    report["dock_width"] = dock.width()
+    sample = WORK / "sample"
+    sample.mkdir()
+    for name in ("sample_before.tif", "sample_after.tif"):
+        shutil.copyfile(REPO / "resources" / "sample" / name, sample / name)
+    before = add_raster(sample / "sample_before.tif", "sample_before")
+    after = add_raster(sample / "sample_after.tif", "sample_after")
+    wait_until(lambda: "on: " in dock.device_label.text() and "checking" not in dock.device_label.text(), 120)
+    report["run"] = run_and_wait(dock)
+    pump(0.5)
+    report["width_after_run"] = dock.width()
+    report["folded"] = cut_off(dock)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    dock.grab().save(str(SHOTS / "dock_folded.png"))
+    dock.annotate_box.setCollapsed(False)
+    dock.model_panel.card_box.setCollapsed(False)
+    dock.model_panel.advanced.setCollapsed(False)
+    pump(0.5)
+    report["open"] = cut_off(dock)
+    report["open_width"] = dock.width()
+    dock.widget().widget().grab().save(str(SHOTS / "dock_open.png"))
+    report["screenshots"] = sorted(p.name for p in SHOTS.iterdir())
+
+
+QTimer.singleShot(300, lambda: finish({}, body))
