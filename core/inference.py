@@ -17,8 +17,9 @@ import numpy as np
 import rasterio
 import torch
 
-from .errors import ChangeScribeError
+from .device import halving_on_oom
 from .model_api import ChangeModel
+from .outputs import OWN_RASTER_TAG
 from .raster_pair import AlignedPair
 from .run_control import RunControl
 from .tiling import Panel, StripBlender, Tile, column_panels, iter_batches, tile_grid
@@ -87,19 +88,9 @@ def _panel_sink(dst: rasterio.io.DatasetWriter, panel: Panel):
 
 
 def run_model(model: ChangeModel, before: torch.Tensor, after: torch.Tensor) -> np.ndarray:
-    """Probability for a batch, splitting it in halves on CUDA out-of-memory before giving up."""
-    try:
-        with torch.inference_mode():
-            return model.change_probability(before, after).float().cpu().numpy()
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        n = before.shape[0]
-        if n == 1:
-            raise ChangeScribeError("out of GPU memory even at batch size 1: use a smaller tile size "
-                                    "or --device cpu") from None
-        log.warning("out of GPU memory at batch %d; retrying in halves", n)
-        h = n // 2
-        return np.concatenate([run_model(model, before[:h], after[:h]), run_model(model, before[h:], after[h:])])
+    """Probability for a batch, split in halves on CUDA out-of-memory (:func:`.device.halving_on_oom`)."""
+    return halving_on_oom(lambda b, a: model.change_probability(b, a).float().cpu().numpy(), np.concatenate,
+                          before, after, what="tile")
 
 
 def predict_probability(pair: AlignedPair, model: ChangeModel, out_path: str | Path, tile_size: int | None = None,
@@ -123,6 +114,7 @@ def predict_probability(pair: AlignedPair, model: ChangeModel, out_path: str | P
     model_time = 0.0
     done = 0
     with rasterio.open(out_path, "w", **probability_profile(pair)) as dst:
+        dst.update_tags(**{OWN_RASTER_TAG: "probability"})  # marks it as ours: a later run may replace it
         blender: StripBlender | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="changescribe-read") as reader:
             pending: Future = reader.submit(_read_batch, pair, work[0][1], tile)

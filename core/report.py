@@ -32,6 +32,7 @@ from rasterio.windows import from_bounds as window_from_bounds
 
 from .atomic import atomic_path
 from .errors import InputError
+from .outputs import OWN_REPORT_MARK, writing
 from .raster_pair import data_bands
 from .version import VERSION
 
@@ -252,7 +253,7 @@ def render_html(title: str, result: "ChangeResult", images: list[tuple[str, str,
         ("Created", created), ("ChangeScribe", meta.get("changescribe_version", VERSION)),
     ]
     parts = [
-        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', OWN_REPORT_MARK,
         f"<title>{e(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>", f"<h1>{e(title)}</h1>",
         f'<p class="scene" id="scene-caption">{e(result.scene_caption or "")}</p>',
     ]
@@ -301,6 +302,6 @@ def _regions_table(regions) -> list[str]:
 
 
 def _write_atomic(path: Path, text: str) -> Path:
-    with atomic_path(path, ".tmp.html") as tmp:
+    with writing("the report", path), atomic_path(path, ".tmp.html") as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
     return path

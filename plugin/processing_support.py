@@ -207,6 +207,16 @@ def processing_errors() -> Iterator[None]:
         raise QgsProcessingException(str(exc) or "cancelled") from None
     except ChangeScribeError as exc:
         raise QgsProcessingException(str(exc)) from None
+    except QgsProcessingException:
+        raise
+    except Exception as exc:  # noqa: BLE001 (qgis_process would print a raw traceback: one line instead)
+        import traceback
+
+        from qgis.core import Qgis, QgsMessageLog
+
+        QgsMessageLog.logMessage(traceback.format_exc(), "ChangeScribe", Qgis.MessageLevel.Critical)
+        raise QgsProcessingException(f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())} "
+                                     "(details in the Log Messages panel, ChangeScribe tab)") from None
 
 
 def crs_string(crs: QgsCoordinateReferenceSystem) -> str:

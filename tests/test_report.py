@@ -154,7 +154,9 @@ def test_report_write_is_atomic(pair, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(report.os, "replace", fail)
-    with pytest.raises(OSError, match="disk full"):
+    from changescribe.core.outputs import OutputError
+
+    with pytest.raises(OutputError, match="cannot write the report .*disk full"):
         write_report(target, pair.before, pair.after, make_result(pair.before, []), max_side=32)
     assert target.read_text() == "old report"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html"]
