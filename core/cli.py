@@ -49,6 +49,7 @@ def _detect(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
+    from .model_card import card_summary
     from .model_loading import installed_models
     from .models.registry import list_models
 
@@ -60,6 +61,7 @@ def _models(args: argparse.Namespace) -> int:
     print("installed model files:")
     for card in installed_models():
         print(f"  {card['name']:<22} {card['architecture']:<16} v{card.get('version', '?'):<8} {card['path']}")
+        print(f"    {card_summary(card)}")
     return 0
 
 

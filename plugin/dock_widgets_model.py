@@ -22,10 +22,13 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
+from ..core.model_card import card_summary, metric_lines
 from .settings import Settings
 
-KEY_METRICS = ("F1", "IoU", "OA", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "S_m*")
 DEVICES = (("auto", "Auto"), ("cpu", "CPU"), ("cuda", "CUDA GPU"))
+# The DetectRequest fields ModelPanel.request_options() sets.
+PANEL_FIELDS = ("model", "detector", "device", "threshold", "min_area", "tile_size", "overlap", "batch_size",
+                "target_gsd", "captions", "beam_size")
 
 
 def list_models(extra_dirs: list[str]) -> tuple[list[dict[str, Any]], str | None]:
@@ -53,45 +56,15 @@ def card_html(card: dict[str, Any]) -> str:
         rows.append(e(str(card["description"])))
     if card.get("training_data"):
         rows.append(f"Training data: {e(str(card['training_data']))}")
-    rows += [e(line) for line in metric_lines(card.get("metrics") or {})]
+    rows += [e(line) for line in metric_lines(card)]
     if card.get("licence"):
         rows.append(f"Licence: {e(str(card['licence']))}")
+    if card.get("weights_terms"):
+        rows.append(f"Weights: {e(str(card['weights_terms']))}")
     # zero-width spaces after the separators let a long path wrap at the dock's width instead of running off it
     path = e(card.get("path", "")).replace("/", "/\u200b").replace("\\", "\\\u200b")
     rows.append(f"<span style='color:gray'>{path}</span>")
     return "<br>".join(rows)
-
-
-def card_summary(card: dict[str, Any]) -> str:
-    """One line that stays visible while the full card is folded: what it does, at what GSD, how well."""
-    inp = card.get("input", {})
-    parts = ["change mask + captions" if card.get("vocabulary") else "change mask only"]
-    if inp.get("gsd"):
-        parts.append(f"{inp['gsd']:g} m/px")
-    if inp.get("tile_size"):
-        parts.append(f"{inp['tile_size']} px tiles")
-    metrics = card.get("metrics") or {}
-    best = metrics.get("test") or metrics.get("validation") or metrics
-    shown = [f"{k} {best[k]:.2f}" for k in ("F1", "BLEU-4") if isinstance(best, dict) and
-             isinstance(best.get(k), (int, float))]
-    if shown:
-        parts.append(", ".join(shown))
-    return " · ".join(parts)
-
-
-def metric_lines(metrics: dict[str, Any]) -> list[str]:
-    """Cards hold flat metrics or one dict per split (e.g. validation, test); the test split comes first."""
-    if metrics and all(isinstance(v, dict) for v in metrics.values()):
-        splits = sorted(metrics.items(), key=lambda kv: kv[0] != "test")
-    else:
-        splits = [("", metrics)]
-    lines = []
-    for name, values in splits:
-        shown = [f"{k} {values[k]:.3g}" for k in KEY_METRICS if isinstance(values.get(k), (int, float))]
-        if shown:
-            where = values.get("split") or name
-            lines.append(f"Metrics{f' ({where})' if where else ''}: " + ", ".join(shown))
-    return lines
 
 
 class ModelPanel(QWidget):
@@ -126,6 +99,17 @@ class ModelPanel(QWidget):
         self.batch_spin = _int(1, 256, "Tiles per batch: more is faster on a GPU but needs more memory")
         self.gsd_check = QCheckBox("Resample to the model's GSD")
         self.gsd_check.setToolTip("Resample both rasters to the resolution the model was trained at")
+        self.captions_check = QCheckBox("Caption the scene and each region")
+        self.captions_check.setToolTip("With a captioning model, describe what changed in words; off: regions only "
+                                       "(faster)")
+        self.beam_spin = _int(0, 20, "Caption beam size: 1 = greedy (fastest); 0 = the model's own (e.g. 3 for SEN)",
+                              special="model's")
+        self.detector_combo = QComboBox()
+        self.detector_combo.setObjectName("changescribe_detector")
+        self._detector_setting: str | None = None
+        self.detector_combo.setToolTip("The change detector that makes the mask: the model's own (its change head or "
+                                       "its card's pairing), or another installed model; the captions stay the "
+                                       "model's")
         self.advanced = QgsCollapsibleGroupBox("Advanced")
         self.advanced.setObjectName("changescribe_advanced")
         self.advanced.setCollapsed(True)
@@ -134,6 +118,9 @@ class ModelPanel(QWidget):
         adv.addRow("Overlap", self.overlap_spin)
         adv.addRow("Batch size", self.batch_spin)
         adv.addRow(self.gsd_check)
+        adv.addRow("Detector", self.detector_combo)
+        adv.addRow(self.captions_check)
+        adv.addRow("Beam size", self.beam_spin)
         # The picker, its summary and card take the full width (under the dock's "Model" heading): word-wrapped
         # labels inside a form row get too little height, and a label column would squeeze the model's name.
         box = QVBoxLayout(self)
@@ -161,6 +148,13 @@ class ModelPanel(QWidget):
         index = next((i for i, c in enumerate(self.cards) if wanted in (c["path"], c["name"])), 0)
         self.model_combo.setCurrentIndex(index if self.cards else -1)
         self.model_combo.blockSignals(False)
+        # before the first listing, the detector remembered in the settings (load() runs before it)
+        chosen = self.detector_combo.currentData() if self.detector_combo.count() else self._detector_setting
+        self.detector_combo.clear()
+        self.detector_combo.addItem("The model's own", None)
+        for card in self.cards:
+            self.detector_combo.addItem(card["name"], card["path"])
+        self.detector_combo.setCurrentIndex(max(self.detector_combo.findData(chosen), 0))
         self._show_card()
         return error
 
@@ -177,6 +171,18 @@ class ModelPanel(QWidget):
 
     def device(self) -> str:
         return self.device_combo.currentData() or "auto"
+
+    def request_options(self) -> dict[str, Any]:
+        """The :class:`~changescribe.core.api.DetectRequest` fields these widgets choose (:data:`PANEL_FIELDS`):
+        a tile size or beam size of 0 means the model's own, an overlap of -1 an eighth of the tile."""
+        card = self.current_card()
+        overlap = self.overlap_spin.value()
+        return {"model": card["path"] if card else "", "detector": self.detector_combo.currentData() or None,
+                "device": self.device(), "threshold": self.threshold_spin.value(),
+                "min_area": self.min_area_spin.value(), "tile_size": self.tile_spin.value() or None,
+                "overlap": None if overlap < 0 else overlap, "batch_size": self.batch_spin.value(),
+                "target_gsd": "model" if self.gsd_check.isChecked() else None,
+                "captions": self.captions_check.isChecked(), "beam_size": self.beam_spin.value() or None}
 
     def set_probe(self, info: dict[str, Any]) -> None:
         """Label the device choices with what the Python that will run actually has."""
@@ -199,6 +205,10 @@ class ModelPanel(QWidget):
         self.overlap_spin.setValue(s.get("overlap"))
         self.batch_spin.setValue(s.get("batch_size"))
         self.gsd_check.setChecked(s.get("model_gsd"))
+        self.captions_check.setChecked(s.get("captions"))
+        self.beam_spin.setValue(s.get("beam_size"))
+        self._detector_setting = s.get("detector") or None
+        self.detector_combo.setCurrentIndex(max(self.detector_combo.findData(self._detector_setting), 0))
 
     def save(self, s: Settings) -> None:
         card = self.current_card()
@@ -212,6 +222,9 @@ class ModelPanel(QWidget):
         s.set("overlap", self.overlap_spin.value())
         s.set("batch_size", self.batch_spin.value())
         s.set("model_gsd", self.gsd_check.isChecked())
+        s.set("captions", self.captions_check.isChecked())
+        s.set("beam_size", self.beam_spin.value())
+        s.set("detector", self.detector_combo.currentData() or "")
 
 
 def _double(lo: float, hi: float, step: float, decimals: int, tip: str, suffix: str = "") -> QDoubleSpinBox:

@@ -170,14 +170,6 @@ def test_eta_text():
     assert eta_text(10.0, 0.5) == "about 10 s left" and eta_text(60.0, 0.25) == "about 3 min left"
 
 
-def test_model_card_metrics_flat_or_per_split():
-    from changescribe.plugin.dock_widgets_model import metric_lines
-
-    assert metric_lines({"split": "val", "F1": 0.5, "BLEU-4": 0.25}) == ["Metrics (val): F1 0.5, BLEU-4 0.25"]
-    lines = metric_lines({"validation": {"F1": 0.8}, "test": {"split": "held-out test", "F1": 0.7}})
-    assert lines == ["Metrics (held-out test): F1 0.7", "Metrics (validation): F1 0.8"]
-
-
 def test_results_never_go_into_the_plugin_folder(tmp_path):
     from changescribe.plugin.main import PLUGIN_DIR
     from changescribe.plugin.settings import _inside
