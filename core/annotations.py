@@ -17,13 +17,22 @@ created, edited_at  ISO-8601 timestamps (UTC)
 The file is created under a temporary name and renamed into place, and it is switched to SQLite's WAL
 journal mode, which persists in the file: a process killed between two edits leaves the last committed state
 intact, and several readers plus one writer at a time (two QGIS projects, QGIS and an export) are safe.
+
+Two writers at once (two QGIS windows on one project, the dock and a script): SQLite lets one write at a time and
+GDAL gives up at once when the store is locked, so a save retries for up to :data:`BUSY_TIMEOUT_S` and then
+raises :class:`StoreBusyError` (nothing written; the caller keeps the edit and offers a retry). The store has no
+``gpkg_ogr_contents`` table: GDAL keeps a feature count there that each writer rewrites from its own tally when it
+closes, so with two writers it goes stale and fiona (and so the training export) reads fewer rows than were saved.
+Without the table GDAL counts the rows themselves (:func:`drop_feature_count`).
 """
 
 from __future__ import annotations
 
 import os
+import random
 import sqlite3
 import stat
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -49,10 +58,46 @@ FIELDS: dict[str, str] = {
     "edited_at": "str",
 }
 NO_CHANGE_CAPTION = "there is no difference"
+# How long a save waits for another writer to finish before it gives up and says so.
+BUSY_TIMEOUT_S = 10.0
 
 
 class AnnotationStoreError(ChangeScribeError):
     """The annotation store is missing, read-only, or not a ChangeScribe annotation GeoPackage."""
+
+
+class StoreBusyError(AnnotationStoreError):
+    """Another program kept the store locked for longer than the save would wait; nothing was written."""
+
+
+def is_busy(error: BaseException | str) -> bool:
+    """SQLite's "database is locked" / "busy", however GDAL, fiona or QGIS word it."""
+    text = str(error).lower()
+    return "database is locked" in text or "database is busy" in text or "sqlite_busy" in text
+
+
+def busy_message(path: str | os.PathLike, waited: float) -> str:
+    return (f"the annotation store {Path(path).name} is busy: another program (a second QGIS, a script) has been "
+            f"writing it for {waited:.0f} s; the annotation was not saved and is kept here, save again to retry")
+
+
+def drop_feature_count(path: str | os.PathLike, timeout: float = BUSY_TIMEOUT_S) -> None:
+    """Remove GDAL's cached feature count (``gpkg_ogr_contents`` and its triggers) so readers count rows."""
+    con = sqlite3.connect(str(path), timeout=timeout)
+    try:
+        if con.execute("SELECT 1 FROM sqlite_master WHERE name = 'gpkg_ogr_contents'").fetchone() is None:
+            return
+        with con:
+            for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' AND "
+                                       "name LIKE 'trigger_%_feature_count_%'").fetchall():
+                con.execute(f'DROP TRIGGER IF EXISTS "{name}"')
+            con.execute("DROP TABLE gpkg_ogr_contents")
+    except sqlite3.OperationalError as exc:
+        if is_busy(exc):
+            raise StoreBusyError(busy_message(path, timeout)) from None
+        raise AnnotationStoreError(f"annotation store {path}: {exc}") from None
+    finally:
+        con.close()
 
 
 def now_iso() -> str:
@@ -159,6 +204,7 @@ def create_store(path: str | os.PathLike, crs) -> Path:
         finally:
             con.close()
         set_wal(tmp)
+        drop_feature_count(tmp)
         if path.exists():  # someone created it meanwhile: never overwrite
             raise AnnotationStoreError(f"{path} appeared while the store was being created; not overwritten")
     return path
@@ -205,13 +251,27 @@ def add_annotations(path: str | os.PathLike, items: list[tuple[object, dict]], c
         if unknown:
             raise AnnotationStoreError(f"unknown annotation field(s): {', '.join(sorted(unknown))}")
         rows.append({k: attrs.get(k) for k in FIELDS})
+    drop_feature_count(path)  # a store made by an older version still has the count that goes stale
     store_crs = _store_crs(path)
     gdf = gpd.GeoDataFrame(rows, geometry=[g for g, _ in items], crs=crs or store_crs)
     if crs is not None and store_crs is not None:
         gdf = gdf.to_crs(store_crs)
-    gdf.to_file(path, layer=LAYER, driver="GPKG", mode="a",
-                schema={"geometry": "Polygon", "properties": dict(FIELDS)})
-    return len(rows)
+    # GDAL fails at once on a locked store, before it has inserted anything (the first INSERT needs the lock and
+    # keeps it to the commit), so retrying writes each row exactly once.
+    started = time.monotonic()
+    while True:
+        try:
+            gdf.to_file(path, layer=LAYER, driver="GPKG", mode="a",
+                        schema={"geometry": "Polygon", "properties": dict(FIELDS)})
+            return len(rows)
+        except Exception as exc:  # noqa: BLE001 (fiona's / pyogrio's / GDAL's error classes differ by version)
+            waited = time.monotonic() - started
+            if not is_busy(exc):
+                raise AnnotationStoreError(f"annotations could not be saved to {path}: "
+                                           f"{' '.join(str(exc).split())}") from None
+            if waited >= BUSY_TIMEOUT_S:
+                raise StoreBusyError(busy_message(path, waited)) from None
+            time.sleep(random.uniform(0.02, 0.2))  # noqa: S311 (back-off jitter, not cryptography)
 
 
 def _store_crs(path: Path):

@@ -176,6 +176,7 @@ class AnnotatePanel(QWidget):
     def set_store(self, path: str | Path) -> bool:
         try:
             _core("annotations").check_store(path)
+            _core("annotations").drop_feature_count(path)  # an older store's count would go stale
         except Exception as exc:  # noqa: BLE001
             self.show_status(str(exc), error=True)
             return False
@@ -296,6 +297,7 @@ class AnnotatePanel(QWidget):
         feature.setGeometry(geom)
         for name, value in attrs.items():
             feature[name] = value
+        others_pending = layer.isEditable() and layer.isModified()  # the analyst's own unsaved edits, if any
         if not layer.isEditable() and not layer.startEditing():
             self.show_status(f"{self.store} cannot be edited", error=True)
             return False
@@ -305,11 +307,18 @@ class AnnotatePanel(QWidget):
         if not ok:
             self.show_status("QGIS refused the annotation (geometry or fields)", error=True)
             return False
-        if not layer.commitChanges():
-            # the feature stays in the edit buffer: nothing is lost, the analyst can retry saving the layer
-            self.show_status("saving failed, the annotation is kept in the layer's unsaved edits: "
-                             + "; ".join(layer.commitErrors()), error=True)
+        errors = self._commit(layer)
+        if errors is not None:
+            # Nothing is lost: the area, caption and class stay in this panel; the addition leaves the edit buffer
+            # so that saving again (the retry) adds it once.
+            if others_pending:
+                layer.deleteFeature(feature.id())
+            else:
+                layer.rollBack()
+            self.save_button.setText("Retry save")
+            self.show_status(errors, error=True)
             return False
+        self.save_button.setText("Accept && save")
         fid = max(layer.allFeatureIds(), default=-1)
         self.show_status(f"saved: {attrs['caption']!r} ({layer.featureCount()} annotations)")
         self.geometry = None
@@ -320,6 +329,23 @@ class AnnotatePanel(QWidget):
         self._update_buttons()
         self.saved.emit(fid)
         return True
+
+    def _commit(self, layer: QgsVectorLayer) -> str | None:
+        """Commit the edit buffer, waiting up to ``BUSY_TIMEOUT_S`` while another program writes the store;
+        None on success, else the message for the analyst."""
+        import time
+
+        annotations = _core("annotations")
+        started = time.monotonic()
+        while not layer.commitChanges():
+            problem = "; ".join(layer.commitErrors())
+            waited = time.monotonic() - started
+            if not annotations.is_busy(problem):
+                return f"saving failed, the annotation is kept here (save again to retry): {problem}"
+            if waited >= annotations.BUSY_TIMEOUT_S:
+                return annotations.busy_message(self.store, waited)
+            time.sleep(0.1)
+        return None
 
     # ---- export ---------------------------------------------------------------------------------------------------
     def export_parameters(self) -> dict:

@@ -1,0 +1,297 @@
+"""Faults and hostile input (issue 15): nothing lost, no traceback, no silent wrong answer.
+
+Everything here is real: the ``changescribe`` CLI in its own process (or its ``main`` in this one), signals sent to
+real processes, a real tmpfs filled to the brim for the full-disk cases, two real processes writing one annotation
+store. Each case checks what the user sees (one line, exit code) and what is left on disk (inputs intact, no
+temporaries, an earlier output untouched). The README's fault table lists the cases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+
+from changescribe.core.cli import main
+from changescribe.core.synthetic import write_pair
+from conftest import write_geotiff
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in Path(folder).iterdir())
+
+
+def cli(capsys, *args) -> tuple[int, str]:
+    """``changescribe`` in this process: exit code and stderr."""
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def one_error_line(err: str) -> str:
+    """The user sees exactly one line, ``changescribe: error: ...``, and never a traceback."""
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("changescribe: error:"), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def cli_process(*args, env: dict | None = None, **popen) -> subprocess.Popen:
+    return subprocess.Popen([PY, "-m", "changescribe", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}, **popen)
+
+
+def run_cli_process(*args, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "changescribe", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A small synthetic pair with real changes (the shipped model finds them)."""
+    return write_pair(tmp_path_factory.mktemp("pair"), name="site", size=160, seed=5)
+
+
+@pytest.fixture
+def inputs(tmp_path, pair):
+    """Copies of the pair in this test's folder, with their digests (to prove they survive)."""
+    before = Path(shutil.copy(pair.before, tmp_path / "before.tif"))
+    after = Path(shutil.copy(pair.after, tmp_path / "after.tif"))
+    return before, after, {before: digest(before), after: digest(after)}
+
+
+def assert_intact(sums: dict) -> None:
+    for path, value in sums.items():
+        assert path.exists() and digest(path) == value, f"{path} was changed"
+
+
+def detect_args(before, after, out, *extra) -> list:
+    return ["detect", before, after, "-o", out, "-q", "--device", "cpu", "--no-captions", *extra]
+
+
+# ---- 1. outputs never replace inputs or someone else's files ---------------------------------------------------
+
+def test_probability_output_onto_the_before_raster_is_refused(tmp_path, inputs, capsys):
+    before, after, sums = inputs
+    code, err = cli(capsys, *detect_args(before, after, tmp_path / "out.gpkg", "--probability", before))
+    line = one_error_line(err)
+    assert code == 2 and "would overwrite the input" in line and str(before) in line
+    assert_intact(sums)
+    assert listing(tmp_path) == ["after.tif", "before.tif"]
+
+
+def test_output_through_a_symlink_or_hard_link_to_an_input_is_refused(tmp_path, inputs, capsys):
+    before, after, sums = inputs
+    (tmp_path / "alias.tif").symlink_to(after)
+    os.link(before, tmp_path / "hard.tif")
+    for target in ("alias.tif", "hard.tif"):
+        code, err = cli(capsys, *detect_args(before, after, tmp_path / "o.gpkg", "--probability", tmp_path / target))
+        assert code == 2 and "would overwrite" in one_error_line(err)
+    assert_intact(sums)
+    assert not (tmp_path / "o.gpkg").exists()
+
+
+def test_output_onto_a_file_gdal_reads_with_an_input_is_refused(tmp_path, inputs, capsys):
+    """A VRT input reads its source: writing the probability map onto that source is refused (GDAL's file list)."""
+    before, after, sums = inputs
+    vrt = tmp_path / "before.vrt"
+    subprocess.run(["gdal_translate", "-q", "-of", "VRT", str(before), str(vrt)], check=True)
+    code, err = cli(capsys, *detect_args(vrt, after, tmp_path / "o.gpkg", "--probability", before))
+    line = one_error_line(err)
+    assert code == 2 and "a file of the input" in line
+    assert_intact(sums)
+
+
+def test_output_named_like_a_sidecar_of_an_input_is_refused(tmp_path, inputs, capsys):
+    before, after, sums = inputs
+    code, err = cli(capsys, *detect_args(before, after, tmp_path / "before.tif.regions.gpkg"))
+    assert code == 2 and "sidecar" in one_error_line(err)
+    assert listing(tmp_path) == ["after.tif", "before.tif"]
+
+
+def test_geopackage_output_onto_a_geopackage_raster_input_is_refused(tmp_path, inputs, capsys):
+    before, after, _ = inputs
+    gpkg_raster = tmp_path / "before_raster.gpkg"
+    subprocess.run(["gdal_translate", "-q", "-of", "GPKG", str(before), str(gpkg_raster)], check=True)
+    value = digest(gpkg_raster)
+    code, err = cli(capsys, *detect_args(gpkg_raster, after, gpkg_raster))
+    assert code == 2 and "would overwrite the input" in one_error_line(err)
+    assert digest(gpkg_raster) == value
+
+
+def test_someone_elses_geopackage_is_not_replaced_without_overwrite(tmp_path, inputs, capsys):
+    before, after, sums = inputs
+    theirs = tmp_path / "theirs.gpkg"
+    con = sqlite3.connect(theirs)
+    con.execute("CREATE TABLE precious (x)")
+    con.execute("INSERT INTO precious VALUES (42)")
+    con.commit()
+    con.close()
+    value = digest(theirs)
+    code, err = cli(capsys, *detect_args(before, after, theirs))
+    assert code == 2 and "not written by ChangeScribe" in one_error_line(err)
+    assert digest(theirs) == value
+    code, err = cli(capsys, *detect_args(before, after, theirs, "--overwrite"))
+    assert code == 0, err
+    con = sqlite3.connect(theirs)
+    assert con.execute("SELECT count(*) FROM changescribe_runs").fetchone()[0] == 1
+    con.close()
+    assert_intact(sums)
+
+
+def test_own_outputs_are_replaced_by_a_rerun_and_foreign_rasters_are_not(tmp_path, inputs, capsys):
+    before, after, sums = inputs
+    out, prob = tmp_path / "out.gpkg", tmp_path / "prob.tif"
+    assert cli(capsys, *detect_args(before, after, out, "--probability", prob))[0] == 0
+    with rasterio.open(prob) as ds:
+        assert ds.tags().get("CHANGESCRIBE_OUTPUT") == "probability"
+    assert cli(capsys, *detect_args(before, after, out, "--probability", prob, "--threshold", "0.6"))[0] == 0
+    foreign = write_geotiff(tmp_path / "dem.tif", np.ones((1, 8, 8), np.float32))
+    value = digest(foreign)
+    code, err = cli(capsys, *detect_args(before, after, out, "--probability", foreign))
+    assert code == 2 and "not written by ChangeScribe" in one_error_line(err)
+    assert digest(foreign) == value
+    assert_intact(sums)
+
+
+def test_output_path_that_is_a_folder_is_refused(tmp_path, inputs, capsys):
+    before, after, _ = inputs
+    (tmp_path / "result.gpkg").mkdir()
+    code, err = cli(capsys, *detect_args(before, after, tmp_path / "result.gpkg"))
+    assert code == 2 and "is a folder" in one_error_line(err)
+    assert listing(tmp_path / "result.gpkg") == []
+
+
+# ---- 2. two writers on one annotation store ---------------------------------------------------------------------
+
+WRITER = """
+import sys
+from shapely.geometry import box
+from changescribe.core.annotations import add_annotations, annotation_record
+path, tag, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for i in range(n):  # one save per annotation, as an analyst (or a script) saves them
+    x = 500000 + 2 * i + (0 if tag == "a" else 1)
+    add_annotations(path, [(box(x, 4999950, x + 1, 4999951), annotation_record(f"{tag} {i}"))])
+print("saved", n)
+"""
+
+LOCKER = """
+import sqlite3, sys, time
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("BEGIN IMMEDIATE")  # the write lock, as a long save by another program holds it
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+con.execute("ROLLBACK")
+"""
+
+
+def hold_lock(store: Path, seconds: float) -> subprocess.Popen:
+    proc = subprocess.Popen([PY, "-c", LOCKER, str(store), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_two_processes_saving_at_once_lose_nothing_and_counts_agree(tmp_path, pair):
+    import fiona
+
+    from changescribe.core.annotations import create_store, integrity_ok
+    from changescribe.core.training_export import CAPTIONS_FILE, export_training_data
+
+    store = create_store(tmp_path / "store.gpkg", "EPSG:32633")
+    procs = [subprocess.Popen([PY, "-c", WRITER, str(store), tag, "40"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for tag in "ab"]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and "saved 40" in out and "Traceback" not in err, err[-2000:]
+    con = sqlite3.connect(store)
+    assert con.execute("SELECT count(*), count(DISTINCT caption) FROM annotations").fetchone() == (80, 80)
+    con.close()
+    assert integrity_ok(store)
+    with fiona.open(store, layer="annotations") as src:
+        assert len(src) == 80 and len(list(src)) == 80
+    summary = export_training_data(store, pair.before, pair.after, tmp_path / "export", tile_size=32, gsd=0.5)
+    assert sum(summary.counts.values()) + summary.skipped == 80
+    import json
+
+    assert len(json.loads((tmp_path / "export" / CAPTIONS_FILE).read_text())["images"]) == \
+        sum(summary.counts.values())
+
+
+def test_a_save_into_a_store_locked_too_long_says_so_and_writes_nothing(tmp_path, monkeypatch):
+    from shapely.geometry import box
+
+    from changescribe.core import annotations
+    from changescribe.core.annotations import StoreBusyError, add_annotations, annotation_record, create_store
+
+    store = create_store(tmp_path / "store.gpkg", "EPSG:32633")
+    monkeypatch.setattr(annotations, "BUSY_TIMEOUT_S", 1.0)
+    locker = hold_lock(store, 4)
+    started = time.monotonic()
+    with pytest.raises(StoreBusyError, match="busy.*not saved.*retry"):
+        add_annotations(store, [(box(500000, 4999900, 500001, 4999901), annotation_record("kept"))])
+    assert 1.0 <= time.monotonic() - started < 3.5  # bounded wait
+    locker.wait(timeout=30)
+    assert add_annotations(store, [(box(500000, 4999900, 500001, 4999901), annotation_record("kept"))]) == 1
+    assert list(annotations.read_annotations(store)["caption"]) == ["kept"]
+
+
+def test_a_short_lock_is_waited_out(tmp_path):
+    from shapely.geometry import box
+
+    from changescribe.core.annotations import add_annotations, annotation_record, create_store, read_annotations
+
+    store = create_store(tmp_path / "store.gpkg", "EPSG:32633")
+    locker = hold_lock(store, 1.5)
+    assert add_annotations(store, [(box(500000, 4999900, 500001, 4999901), annotation_record("waited"))]) == 1
+    locker.wait(timeout=30)
+    assert list(read_annotations(store)["caption"]) == ["waited"]
+
+
+def test_dock_panel_keeps_an_edit_the_locked_store_refused_and_retries(qgis_app, tmp_path, monkeypatch):
+    from qgis.core import QgsCoordinateReferenceSystem, QgsGeometry, QgsProject, QgsRectangle
+    from qgis.gui import QgsMapCanvas
+
+    from changescribe.core import annotations
+    from changescribe.plugin.dock_widgets_annotate import AnnotatePanel
+
+    store = annotations.create_store(tmp_path / "store.gpkg", "EPSG:32633")
+    monkeypatch.setattr(annotations, "BUSY_TIMEOUT_S", 1.0)
+    canvas = QgsMapCanvas()
+    canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:32633"))
+    panel = AnnotatePanel(canvas, lambda: (None, None), lambda: None)
+    try:
+        assert panel.set_store(store)
+        panel.set_area(QgsGeometry.fromRect(QgsRectangle(500000, 4999900, 500010, 4999910)))
+        panel.caption_edit.setPlainText("a house is built")
+        locker = hold_lock(store, 5)
+        assert panel.save() is False
+        status = panel.status_label.text()
+        assert "busy" in status and "retry" in status
+        assert panel.caption_edit.toPlainText() == "a house is built" and panel.geometry is not None
+        assert panel.save_button.text() == "Retry save" and not panel.layer.isModified()
+        locker.wait(timeout=30)
+        assert panel.save() is True, panel.status_label.text()
+        assert list(annotations.read_annotations(store)["caption"]) == ["a house is built"]
+    finally:
+        panel.shutdown()
+        QgsProject.instance().removeAllMapLayers()
