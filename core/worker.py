@@ -147,6 +147,27 @@ def probe() -> dict[str, Any]:
     return info
 
 
+def suggest(line: str, emit: Callable[[dict[str, Any]], None]) -> int:
+    """``--suggest``: one :class:`~changescribe.core.suggestion.SuggestionJob` line in, one
+    ``{"event": "suggestion", "caption"}`` (or error) line out: the Annotate panel's suggestion in this Python."""
+    try:
+        from .suggestion import SuggestionJob, suggest_caption
+
+        job = json.loads(line)
+        if not isinstance(job, dict):
+            raise InputError("the suggestion job on stdin is not a JSON object")
+        emit({"event": "suggestion", "caption": suggest_caption(SuggestionJob.from_dict(job))})
+        return EXIT_OK
+    except BaseException as exc:  # noqa: BLE001 (every failure becomes one error event)
+        if isinstance(exc, ValueError) and not isinstance(exc, ChangeScribeError):
+            exc = InputError(f"the suggestion job on stdin is not JSON: {exc}")
+        event = error_event(exc)
+        if event["kind"] == "internal":
+            traceback.print_exc(file=sys.stderr)
+        emit(event)
+        return EXIT_ERROR
+
+
 class _Emitter:
     """Writes events to the real stdout, whole lines only, from any thread."""
 
@@ -183,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     if "--probe" in argv:
         emit(probe())
         return EXIT_OK
+    if "--suggest" in argv:
+        return suggest(sys.stdin.readline(), emit)
     line = sys.stdin.readline()
     try:
         job = json.loads(line)

@@ -127,7 +127,8 @@ class ChangeScribeDock(QgsDockWidget):
         self.annotate = AnnotatePanel(self.iface.mapCanvas(),
                                       lambda: (self.pair.before_layer(), self.pair.after_layer()),
                                       self.model_panel.current_card,
-                                      lambda: [self.last_layer] if self.last_layer is not None else [])
+                                      lambda: [self.last_layer] if self.last_layer is not None else [],
+                                      python=lambda: self._python)
         self.annotate_box = QgsCollapsibleGroupBox("Annotate")
         self.annotate_box.setObjectName("changescribe_annotate")
         self.annotate_box.setCollapsed(True)

@@ -3,7 +3,8 @@
 Annotations go to a ChangeScribe annotation GeoPackage (:mod:`changescribe.core.annotations`) that the analyst
 opens or creates here. Each accepted annotation is added through the layer's edit buffer (one undoable edit
 command) and committed at once; a commit that fails leaves the feature in the edit buffer and says so, so
-nothing typed is lost. The suggestion runs in a QgsTask (QGIS stays responsive) in QGIS's Python.
+nothing typed is lost. The suggestion runs in a QgsTask (QGIS stays responsive), in QGIS's Python or, when the
+dock runs in a separate Python environment, through the same worker (:mod:`changescribe.core.suggestion`).
 """
 
 from __future__ import annotations
@@ -56,34 +57,19 @@ def largest_part(geometry: QgsGeometry) -> QgsGeometry:
     return max(parts, key=lambda g: g.area()) if parts else QgsGeometry()
 
 
-def suggest_caption(before: str, after: str, model_path: str, bounds_crs_wkt: str,
-                    bounds: tuple[float, float, float, float], cache: dict) -> str:
-    """The model's caption for ``bounds`` (in ``bounds_crs_wkt``) over the pair, at the model's GSD."""
-    from pyproj import Transformer
-
-    captioning, loading, raster_pair = _core("captioning"), _core("model_loading"), _core("raster_pair")
-    model = cache.get(model_path)
-    if model is None:
-        model = cache[model_path] = loading.load_model(model_path)
-    if not model.can_caption:
-        raise ValueError(f"the model {model.name} cannot caption")
-    with raster_pair.AlignedPair(before, after, bands=model.input_spec.bands,
-                                 target_gsd=model.input_spec.gsd) as pair:
-        tr = Transformer.from_crs(bounds_crs_wkt, pair.grid.crs.to_wkt(), always_xy=True)
-        x0, y0, x1, y1 = tr.transform_bounds(*bounds)
-        return captioning.caption_areas(pair, model, [(x0, y0, x1, y1)])[0]
-
-
 class AnnotatePanel(QWidget):
     """Store picker, drawing buttons, suggestion, caption editor, class, no-change, Save and Export."""
 
     saved = pyqtSignal(int)  # feature id of the committed annotation
 
     def __init__(self, canvas, pair: Callable[[], tuple[Any, Any]], card: Callable[[], dict | None],
-                 region_layers: Callable[[], list] | None = None, parent: QWidget | None = None):
+                 region_layers: Callable[[], list] | None = None, parent: QWidget | None = None,
+                 python: Callable[[], str | None] | None = None):
         super().__init__(parent)
         self.canvas = canvas
         self._pair, self._card = pair, card
+        self._python = python or (lambda: None)  # None: QGIS's Python, else the worker's python
+        self._typed = ""  # the caption as it was before "No change here" replaced it
         self.layer: QgsVectorLayer | None = None
         self.store: Path | None = None
         self.geometry: QgsGeometry | None = None  # canvas CRS
@@ -113,6 +99,11 @@ class AnnotatePanel(QWidget):
         for c in CLASSES:
             self.class_combo.addItem(c or "— not classified —", c)
         self.no_change_check = QCheckBox("No change here")
+        self.no_change_check.setToolTip(f"Store this area as unchanged, captioned "
+                                        f"'{_core('annotations').NO_CHANGE_CAPTION}'")
+        self.keep_class_check = QCheckBox("Keep the class for the next area")
+        self.keep_class_check.setObjectName("changescribe_keep_class")
+        self.keep_class_check.setToolTip("Unticked, the class goes back to 'not classified' after each save")
         self.save_button = QPushButton("Accept && save")
         self.save_button.setObjectName("changescribe_annotation_save")
         self.export_button = QPushButton("Export training data…")
@@ -135,6 +126,7 @@ class AnnotatePanel(QWidget):
         cls_row.addWidget(QLabel("Class"))
         cls_row.addWidget(self.class_combo, 1)
         box.addLayout(cls_row)
+        box.addWidget(self.keep_class_check)
         box.addWidget(self.no_change_check)
         box.addLayout(_row(self.save_button))
         box.addLayout(_row(self.export_button))
@@ -235,11 +227,17 @@ class AnnotatePanel(QWidget):
         rect = self.geometry.boundingBox()
         bounds = (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum())
         crs_wkt = canvas_crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED)
-        models = self._models
+        suggestion = _core("suggestion")
+        job = suggestion.SuggestionJob(b_src, a_src, card["path"], crs_wkt, bounds)
+        models, python = self._models, self._python()
         geometry = self.geometry
 
         def run(_task):
-            return suggest_caption(b_src, a_src, card["path"], crs_wkt, bounds, models)
+            if python:
+                from .worker_client import suggest_in_python
+
+                return suggest_in_python(python, job.to_dict())
+            return suggestion.suggest_caption(job, models)
 
         def done(exception, result=None):
             self.task = None
@@ -251,7 +249,9 @@ class AnnotatePanel(QWidget):
                 return
             self.suggested = result or ""
             self.suggested_label.setText(self.suggested)
-            if not self.caption_edit.toPlainText().strip():
+            if self.no_change_check.isChecked():
+                self._typed = self._typed or self.suggested  # shown again if "No change here" is unticked
+            elif not self.caption_edit.toPlainText().strip():
                 self.caption_edit.setPlainText(self.suggested)
 
         self.task = QgsTask.fromFunction("ChangeScribe: suggest a caption", run, on_finished=done)
@@ -259,17 +259,26 @@ class AnnotatePanel(QWidget):
         return True
 
     def _no_change_toggled(self, on: bool) -> None:
+        """Ticking "No change here" shows the caption that will be stored; unticking brings back the typed one."""
         self.class_combo.setEnabled(not on)
-        if on and not self.caption_edit.toPlainText().strip():
+        self.caption_edit.setReadOnly(on)
+        if on:
+            self._typed = self.caption_edit.toPlainText()
             self.caption_edit.setPlainText(_core("annotations").NO_CHANGE_CAPTION)
+        else:
+            self.caption_edit.setPlainText(self._typed)
+            self._typed = ""
 
     # ---- saving -----------------------------------------------------------------------------------------------
     def record(self) -> dict:
         before, after = self._pair()
         card = self._card() or {}
-        cls = self.class_combo.currentData() or None
-        return _core("annotations").annotation_record(
-            self.caption_edit.toPlainText().strip(), self.suggested, cls, self.no_change_check.isChecked(),
+        no_change = self.no_change_check.isChecked()
+        cls = None if no_change else (self.class_combo.currentData() or None)
+        annotations = _core("annotations")
+        caption = annotations.NO_CHANGE_CAPTION if no_change else self.caption_edit.toPlainText().strip()
+        return annotations.annotation_record(
+            caption, self.suggested, cls, no_change,
             gdal_source(before) or "", gdal_source(after) or "", _layer_date(before), _layer_date(after),
             card.get("name", ""))
 
@@ -326,6 +335,9 @@ class AnnotatePanel(QWidget):
         self.caption_edit.setPlainText("")
         self.suggested_label.setText("")
         self.no_change_check.setChecked(False)
+        self.caption_edit.setPlainText("")
+        if not self.keep_class_check.isChecked():
+            self.class_combo.setCurrentIndex(0)  # a class never carries over to the next area unasked
         self._update_buttons()
         self.saved.emit(fid)
         return True
@@ -400,4 +412,4 @@ def _layer_date(layer) -> str:
         return ""
 
 
-__all__ = ["AnnotatePanel", "largest_part", "suggest_caption"]
+__all__ = ["AnnotatePanel", "largest_part"]

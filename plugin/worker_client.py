@@ -80,6 +80,34 @@ def probe_python(python: str, plugin_parent: str = PLUGIN_PARENT, timeout: float
     raise WorkerError(f"{python} cannot run ChangeScribe's worker: {tail}", "dependency")
 
 
+def suggest_in_python(python: str, job: dict[str, Any], plugin_parent: str = PLUGIN_PARENT,
+                      timeout: float = 600.0) -> str:
+    """The Annotate panel's suggested caption, computed by the worker in ``python`` (``--suggest``); raises
+    :class:`WorkerError` with the worker's message and kind when it could not."""
+    tmp = tempfile.mkdtemp(prefix="changescribe-suggest-")
+    try:
+        proc = _popen(python, ["--suggest"], worker_environment(plugin_parent, tmp), tmp)
+        try:
+            out, err = proc.communicate(json.dumps(job) + "\n", timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise WorkerError(f"{python} did not suggest a caption within {timeout:.0f} s", "internal") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for line in out.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "suggestion":
+            return str(event.get("caption") or "")
+        if isinstance(event, dict) and event.get("event") == "error":
+            raise WorkerError(event.get("message") or "the worker failed", event.get("kind") or "error")
+    tail = (err.strip().splitlines() or ["no output"])[-1]
+    raise WorkerError(f"the worker stopped (exit code {proc.returncode}) without a suggestion: {tail}", "internal")
+
+
 def _pump(stream, sink: Callable[[str], None]) -> None:
     for line in stream:
         sink(line)

@@ -137,6 +137,8 @@ def test_dock_without_torch_offers_the_worker_and_runs_through_it(tmp_path):
     # the cache holds the last inputs only: the earlier map was removed when the new one was made
     assert len(r["cache_before_aoi"]) == len(r["cache_after_aoi"]) == 1
     assert r["cache_before_aoi"] != r["cache_after_aoi"]
+    assert r["suggestion_started"] and r["worker_suggestion"], r["worker_suggestion_status"]  # issue 14.7
+    assert not r["torch_loaded_in_qgis"]
     assert r["bad_python_error"] and "cannot start" in r["bad_python_error"]
     assert r["unloaded"] and not r["dock_after_unload"] and not r["action_after_unload"]
 
@@ -187,3 +189,23 @@ def test_dock_reads_at_its_default_width(tmp_path):
         facts = r[state]
         assert facts["cut"] == [] and facts["hscroll"] == 0 and facts["inner"] <= facts["viewport"], (state, facts)
     assert {"dock_folded.png", "dock_open.png"} <= set(r["screenshots"])
+
+
+def test_annotate_stores_what_it_shows_and_never_carries_a_class_silently(tmp_path):
+    """Issue 14.5/14.6: "No change here" replaces the caption shown and stored; the class resets after a save
+    unless "Keep the class" is ticked."""
+    from changescribe.core.annotations import NO_CHANGE_CAPTION
+
+    r = run_qgis(tmp_path, "annot_choices.py", with_torch=True, timeout=400)
+    assert r["created"] and r["suggested1"] and r["box1"] == r["suggested1"], r
+    assert r["box_no_change"] == NO_CHANGE_CAPTION and r["read_only_no_change"]
+    assert not r["class_enabled_no_change"]
+    assert r["box_unticked"] == r["suggested1"]  # unticking brings the suggestion back
+    assert r["saved1"] and r["saved2"] and r["saved3"] and r["saved4"], r
+    assert r["class_after1"] == "" and r["class_after2"] == "" and r["box_after2"] == ""
+    assert r["class_after3"] == "water"
+    stored = r["stored"]
+    assert stored[0][:3] == [NO_CHANGE_CAPTION, None, True] and stored[0][3] == r["suggested1"]
+    assert stored[1][:3] == ["a road is built", "road", False]
+    assert stored[2][:3] == ["a pond appears", "water", False]
+    assert stored[3][:3] == ["another pond appears", "water", False]

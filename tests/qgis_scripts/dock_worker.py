@@ -65,6 +65,19 @@ def body(report):
     report["cache_after_aoi"] = sorted(p.name for p in cache.iterdir())
     dock.pair.aoi_combo.setCurrentIndex(0)
 
+    # the Annotate panel's suggestion goes through the same worker (QGIS's Python has no torch here)
+    from qgis.core import QgsGeometry
+
+    from changescribe.core.suggestion import suggest_caption  # noqa: F401 (importable without torch)
+
+    panel = dock.annotate
+    panel.set_area(QgsGeometry.fromRect(QgsRectangle(e.xMinimum(), e.yMinimum(), e.center().x(), e.center().y())))
+    report["suggestion_started"] = panel.task is not None
+    wait_until(lambda: panel.task is None, 300)
+    report["worker_suggestion"] = panel.suggested
+    report["worker_suggestion_status"] = panel.status_label.text()
+    report["torch_loaded_in_qgis"] = "torch" in sys.modules
+
     # a "Python" that cannot start: a clear line in the dock, no traceback
     settings.setValue("changescribe/python", os.path.join(os.environ["CHANGESCRIBE_TEST_REPO"], "README.md"))
     dock.check_environment()
