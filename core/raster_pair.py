@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from rasterio.enums import ColorInterp, Resampling
-from rasterio.errors import RasterioIOError
+from rasterio.errors import RasterioError, RasterioIOError
 from rasterio.transform import Affine
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
@@ -126,11 +126,24 @@ def _metres_per_unit(crs: rasterio.crs.CRS) -> float:
     return float(factor or 1.0)
 
 
-class _GridSource:
-    """Reads one dataset on the output grid: a direct windowed read where it already lies on it."""
+def unreadable(role: str, path: str, exc: BaseException) -> InputError:
+    """A raster that opened but whose pixels cannot be read (truncated file, corrupt compressed tiles)."""
+    detail = " ".join(str(exc).split())
+    return InputError(f"{role} raster {path} is damaged: its pixels cannot be read ({detail}); "
+                      "re-export or re-download it")
 
-    def __init__(self, ds: rasterio.DatasetReader, grid: Grid, bands: list[int], resampling: Resampling):
+
+class _GridSource:
+    """Reads one dataset on the output grid: a direct windowed read where it already lies on it.
+
+    Pixels that are not finite (NaN, ±inf in float rasters) are no data, like masked ones: a NaN must not spread
+    through the stretch or the model into the rest of the scene.
+    """
+
+    def __init__(self, ds: rasterio.DatasetReader, grid: Grid, bands: list[int], resampling: Resampling,
+                 role: str = "input"):
         self.ds = ds
+        self.role = role
         self.bands = bands
         self.vrt: WarpedVRT | None = None
         self.offset = _integer_offset(ds, grid)
@@ -138,7 +151,10 @@ class _GridSource:
             has_alpha = ColorInterp.alpha in ds.colorinterp
             self.vrt = WarpedVRT(ds, crs=grid.crs, transform=grid.transform, width=grid.width,
                                  height=grid.height, resampling=resampling, add_alpha=not has_alpha)
-        self.scale = _display_scale(ds, bands)
+        try:
+            self.scale = _display_scale(ds, bands)
+        except (RasterioError, RasterioIOError) as exc:  # IOError is not a RasterioError
+            raise unreadable(role, ds.name, exc) from None
 
     @property
     def warped(self) -> bool:
@@ -146,14 +162,21 @@ class _GridSource:
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         """Pixels (bands, h, w) as float32 on a 0..255 scale, and a validity mask (h, w) bool."""
-        if self.vrt is not None:
-            data = self.vrt.read(self.bands, window=window)
-            valid = self.vrt.dataset_mask(window=window) > 0
-        else:
-            r, c = self.offset
-            win = Window(window.col_off + c, window.row_off + r, window.width, window.height)
-            data = self.ds.read(self.bands, window=win)
-            valid = self.ds.dataset_mask(window=win) > 0
+        try:
+            if self.vrt is not None:
+                data = self.vrt.read(self.bands, window=window)
+                valid = self.vrt.dataset_mask(window=window) > 0
+            else:
+                r, c = self.offset
+                win = Window(window.col_off + c, window.row_off + r, window.width, window.height)
+                data = self.ds.read(self.bands, window=win)
+                valid = self.ds.dataset_mask(window=win) > 0
+        except (RasterioError, RasterioIOError) as exc:  # IOError is not a RasterioError
+            raise unreadable(self.role, self.ds.name, exc) from None
+        if data.dtype.kind == "f":
+            finite = np.isfinite(data)
+            valid &= finite.all(axis=0)
+            data = np.where(finite, data, 0)
         out = data.astype(np.float32)
         if self.scale is not None:
             lo, hi = self.scale
@@ -194,6 +217,7 @@ def _display_scale(ds: rasterio.DatasetReader, bands: list[int]) -> tuple[np.nda
     hi = np.empty(len(bands))
     for i in range(len(bands)):
         vals = sample[i].compressed()
+        vals = vals[np.isfinite(vals)]  # NaN / inf are no data
         if vals.size == 0:
             lo[i], hi[i] = 0.0, 1.0
             continue
@@ -229,8 +253,8 @@ class AlignedPair:
             a_bands = _pick_bands(a, "after", bands, band_indexes)
             res_b = _resampling(b, self.grid)
             res_a = _resampling(a, self.grid)
-            self._before = _GridSource(b, self.grid, b_bands, res_b)
-            self._after = _GridSource(a, self.grid, a_bands, res_a)
+            self._before = _GridSource(b, self.grid, b_bands, res_b, "before")
+            self._after = _GridSource(a, self.grid, a_bands, res_a, "after")
         except Exception:
             b.close()
             a.close()

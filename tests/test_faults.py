@@ -295,3 +295,73 @@ def test_dock_panel_keeps_an_edit_the_locked_store_refused_and_retries(qgis_app,
     finally:
         panel.shutdown()
         QgsProject.instance().removeAllMapLayers()
+
+
+# ---- 3. non-finite pixels are no data ---------------------------------------------------------------------------
+
+def float_copy(src: Path, dst: Path, bad: float | None = None, block: int = 40) -> Path:
+    """The raster as float32, with a ``block``² square of ``bad`` values in its top-left corner."""
+    with rasterio.open(src) as ds:
+        data = ds.read().astype(np.float32) * 3.7 + 100.0  # not 8-bit: the 2–98 % stretch runs
+        profile = {**ds.profile, "dtype": "float32", "nodata": None}
+    if bad is not None:
+        data[:, :block, :block] = bad
+    with rasterio.open(dst, "w", **profile) as out:
+        out.write(data)
+    return dst
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_pixels_are_no_data_and_detection_elsewhere_holds(tmp_path, pair, bad):
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    from changescribe.core.pipeline import detect_changes
+
+    clean_b, clean_a = float_copy(pair.before, tmp_path / "b.tif"), float_copy(pair.after, tmp_path / "a.tif")
+    dirty_b = float_copy(pair.before, tmp_path / "b_bad.tif", bad)
+    kw = dict(device="cpu", captions=False, threshold=0.5)
+    clean = detect_changes(clean_b, clean_a, "default", tmp_path / "clean.gpkg", **kw)
+    dirty = detect_changes(dirty_b, clean_a, "default", tmp_path / "dirty.gpkg", **kw)
+    assert len(clean.regions) > 0
+    with rasterio.open(dirty_b) as ds:
+        corner = box(ds.bounds.left, ds.bounds.top - 40 * 0.5, ds.bounds.left + 40 * 0.5, ds.bounds.top)
+    kept = gpd.read_file(tmp_path / "clean.gpkg")
+    kept = kept[~kept.intersects(corner.buffer(8.0))]  # regions away from the bad corner (and its halo)
+    found = gpd.read_file(tmp_path / "dirty.gpkg")
+    assert len(kept) > 0 and len(found) >= len(kept)
+    assert found.unary_union.intersection(kept.unary_union).area >= 0.8 * kept.unary_union.area
+    assert not found.intersects(corner.buffer(-1.0)).any()  # nothing is reported inside the no-data square
+
+
+# ---- 5. damaged files: one line naming the file, exit 2, nothing left -------------------------------------------
+
+def damaged_copy(src: Path, dst: Path, how: str) -> Path:
+    """A tiled, deflate-compressed copy of ``src``, then truncated or with its compressed tiles overwritten."""
+    subprocess.run(["gdal_translate", "-q", "-co", "TILED=YES", "-co", "BLOCKXSIZE=64", "-co", "BLOCKYSIZE=64",
+                    "-co", "COMPRESS=DEFLATE", str(src), str(dst)], check=True)
+    raw = bytearray(dst.read_bytes())
+    if how == "truncated":
+        raw = raw[: len(raw) * 2 // 3]
+    else:
+        for i in range(len(raw) // 3, len(raw) - 64, 401):
+            raw[i:i + 40] = b"\xa5" * 40
+    dst.write_bytes(bytes(raw))
+    with rasterio.open(dst) as ds:  # it still opens: the damage shows only when pixels are read
+        assert ds.width > 0
+    return dst
+
+
+@pytest.mark.parametrize("how", ["truncated", "corrupt_tiles"])
+@pytest.mark.parametrize("role", ["before", "after"])
+def test_damaged_geotiff_is_one_line_naming_the_file(tmp_path, inputs, how, role):
+    before, after, sums = inputs
+    bad = damaged_copy(before if role == "before" else after, tmp_path / f"{role}_{how}.tif", how)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    args = (bad, after) if role == "before" else (before, bad)
+    proc = run_cli_process(*detect_args(*args, out_dir / "r.gpkg"))
+    line = one_error_line(proc.stderr)
+    assert proc.returncode == 2 and str(bad) in line and f"{role} raster" in line and "damaged" in line
+    assert listing(out_dir) == []
+    assert_intact(sums)
