@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from rasterio.windows import Window
 
+from .device import halving_on_oom
 from .model_api import ChangeModel
 from .raster_pair import AlignedPair, AlignmentReport
 from .run_control import RunControl
@@ -52,7 +53,7 @@ def _resize(arr: np.ndarray, size: int) -> torch.Tensor:
 
 def caption_windows(pair: AlignedPair, model: ChangeModel, windows: list[Window], beam_size: int = 1,
                     control: RunControl | None = None, batch: int = 16) -> list[str]:
-    """One caption per window of the pair's grid, batched."""
+    """One caption per window of the pair's grid, batched (a batch is halved on CUDA out-of-memory)."""
     control = control or RunControl()
     size = model.input_spec.tile_size
     out: list[str] = []
@@ -63,11 +64,15 @@ def caption_windows(pair: AlignedPair, model: ChangeModel, windows: list[Window]
             b, a, _ = pair.read(w)
             befores.append(_resize(b, size))
             afters.append(_resize(a, size))
-        with torch.inference_mode():
-            out += model.caption(torch.stack(befores).to(model.device), torch.stack(afters).to(model.device),
-                                 beam_size=beam_size)
+        out += halving_on_oom(lambda b, a: model.caption(b, a, beam_size=beam_size), _concat,
+                              torch.stack(befores).to(model.device), torch.stack(afters).to(model.device),
+                              what="caption")
         control.progress(min(1.0, (i + batch) / len(windows)), "captioning")
     return out
+
+
+def _concat(parts: list[list[str]]) -> list[str]:
+    return [caption for part in parts for caption in part]
 
 
 def caption_areas(pair: AlignedPair, model: ChangeModel, areas: Iterable[Bounds], beam_size: int = 1,

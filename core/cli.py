@@ -5,17 +5,39 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
-from pathlib import Path
 
+from .api import FIELDS, MAX_TILE_SIZE, MIN_TILE_SIZE, DetectRequest
 from .errors import ChangeScribeError
 from .version import VERSION
 
 
+# Every DetectRequest field and the `changescribe detect` argument that sets it; the argument's dest is the field's
+# name, so detect_request() copies nothing by hand (tests/test_api.py checks that no field is missing).
+REQUEST_ARGUMENTS = {
+    "before": "before", "after": "after", "output": "--output", "model": "--model", "detector": "--detector",
+    "device": "--device", "threshold": "--threshold", "min_area": "--min-area", "tile_size": "--tile-size",
+    "overlap": "--overlap", "batch_size": "--batch-size", "target_gsd": "--gsd", "area_of_interest": "--area",
+    "captions": "--no-captions", "beam_size": "--beam-size", "probability_output": "--probability",
+    "reuse_probability": "--reuse-probability", "cache_dir": "--cache", "overwrite": "--overwrite",
+}
+
+
+def detect_request(args: argparse.Namespace) -> DetectRequest:
+    """The run the ``detect`` arguments ask for; an option out of range raises :class:`InputError`."""
+    values = {name: getattr(args, name) for name in FIELDS}
+    if args.area_of_interest is not None:
+        values["area_of_interest"] = {"wkt": args.area_of_interest, "crs": args.area_crs or ""}
+    return DetectRequest(**values)
+
+
 def _detect(args: argparse.Namespace) -> int:
+    request = detect_request(args)  # before anything heavy is imported: a bad option fails at once
     from tqdm import tqdm
 
-    from .pipeline import detect_changes
+    from .run import run
     from .run_control import RunControl
 
     bar = tqdm(total=1000, unit="‰", disable=args.quiet, file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
@@ -25,25 +47,17 @@ def _detect(args: argparse.Namespace) -> int:
         bar.set_description(message[:40], refresh=True)
 
     control = RunControl(on_progress=on_progress, on_log=(None if args.quiet else lambda m: tqdm.write(m, file=sys.stderr)))
-    gsd = "model" if args.gsd == "model" else (float(args.gsd) if args.gsd else None)
     try:
-        result = detect_changes(args.before, args.after, args.model, args.output, threshold=args.threshold,
-                                min_area=args.min_area, tile_size=args.tile_size, overlap=args.overlap,
-                                batch_size=args.batch_size, device=args.device, target_gsd=gsd,
-                                probability_output=args.probability, captions=not args.no_captions,
-                                beam_size=args.beam_size, control=control, detector=args.detector)
+        result = run(request, control).summary_result()
     finally:
         bar.close()
     if args.json:
-        print(json.dumps({"output": str(result.output), "regions": len(result.regions),
-                          "scene_caption": result.scene_caption, "summary": result.summary,
-                          "probability": str(result.probability) if result.probability else None,
-                          "tiles_per_second": result.stats.tiles_per_second}))
+        print(json.dumps(result.to_dict()))
     else:
         print(f"GeoPackage: {result.output}")
         if result.probability:
             print(f"probability raster: {result.probability}")
-        print(f"change regions: {len(result.regions)} ({result.summary})")
+        print(f"change regions: {result.regions} ({result.summary})")
         print(f"scene caption: {result.scene_caption}")
     return 0
 
@@ -65,6 +79,25 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clean(args: argparse.Namespace) -> int:
+    from .atomic import remove_stale_temporaries
+
+    removed = remove_stale_temporaries(*args.folders)
+    for path in removed:
+        print(f"removed {path}")
+    print(f"{len(removed)} temporary file(s) of crashed runs removed")
+    return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, ``timeout``, a shutdown): unwinds like Ctrl-C, so every temporary is removed."""
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the clean-up
+    raise Terminated()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="changescribe", description="Change detection and captioning for raster pairs.")
     p.add_argument("--version", action="version", version=f"changescribe {VERSION}")
@@ -77,25 +110,45 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output", required=True, help="GeoPackage to write (.gpkg)")
     d.add_argument("--model", default="default", help="model name (see `changescribe models`) or model card path")
     d.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    d.add_argument("--threshold", type=float, default=0.5, help="change probability threshold (0..1)")
-    d.add_argument("--min-area", type=float, default=0.0, help="drop regions smaller than this, in m²")
-    d.add_argument("--tile-size", type=int, default=None, help="tile size in pixels (default: the model's)")
-    d.add_argument("--overlap", type=int, default=None, help="tile overlap in pixels (default: tile/8)")
-    d.add_argument("--batch-size", type=int, default=8)
-    d.add_argument("--gsd", default=None, help="resample to this GSD in metres, or 'model' for the model's")
-    d.add_argument("--probability", default=None, help="also write the probability raster (GeoTIFF) here")
-    d.add_argument("--beam-size", type=int, default=None,
+    # Numbers arrive as text and are checked by DetectRequest, whose one-line messages state the valid range.
+    d.add_argument("--threshold", default=0.5, help="change probability threshold (between 0 and 1)")
+    d.add_argument("--min-area", dest="min_area", default=0.0, help="drop regions smaller than this, in m² (>= 0)")
+    d.add_argument("--tile-size", dest="tile_size", default=None,
+                   help=f"tile size in pixels, {MIN_TILE_SIZE}..{MAX_TILE_SIZE} (default: the model's)")
+    d.add_argument("--overlap", default=None, help="tile overlap in pixels, 0 .. tile size - 1 (default: tile/8)")
+    d.add_argument("--batch-size", dest="batch_size", default=8, help="tiles per batch (>= 1; default 8)")
+    d.add_argument("--gsd", dest="target_gsd", default=None,
+                   help="resample to this GSD in metres (> 0), or 'model' for the model's")
+    d.add_argument("--area", dest="area_of_interest", default=None, metavar="WKT",
+                   help="limit the run to this polygon (WKT, in the CRS given by --area-crs)")
+    d.add_argument("--area-crs", dest="area_crs", default=None, metavar="CRS", help="the CRS of --area, e.g. EPSG:32633")
+    d.add_argument("--probability", dest="probability_output", default=None,
+                   help="also write the probability raster (GeoTIFF) here")
+    d.add_argument("--reuse-probability", dest="reuse_probability", default=None, metavar="PROB.tif",
+                   help="skip inference: use this probability raster of an earlier run on the same inputs and grid")
+    d.add_argument("--cache", dest="cache_dir", default=None, metavar="DIR",
+                   help="keep the probability map in DIR and re-use it when inputs, model, area and tiling are the "
+                        "same (a new threshold or minimum area then runs no inference)")
+    d.add_argument("--beam-size", dest="beam_size", default=None,
                    help="caption beam size (1 = greedy; default: the model's own, e.g. 3 for SEN, else 1)")
     d.add_argument("--detector", default=None, metavar="NAME_OR_PATH",
                    help="change detector (model name or card path) that makes the mask: replaces a captioner's "
                         "card pairing ('pair_with'), or the captioning model's own change head")
-    d.add_argument("--no-captions", action="store_true", help="masks and polygons only")
+    d.add_argument("--no-captions", dest="captions", action="store_false", help="masks and polygons only")
     d.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files that ChangeScribe did not write (never an input)")
     d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=_detect)
 
     m = sub.add_parser("models", help="list model architectures and installed model files")
     m.set_defaults(func=_models)
+
+    c = sub.add_parser("clean", help="remove temporary files left by crashed runs (only ChangeScribe's, only of "
+                                     "processes that no longer run)")
+    c.add_argument("folders", nargs="*", default=["."], metavar="FOLDER",
+                   help="output folders to clean (default: the current one); the temporary folder is always cleaned")
+    c.set_defaults(func=_clean)
     return p
 
 
@@ -103,17 +156,34 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if getattr(args, "output", None) and Path(args.output).suffix.lower() != ".gpkg":
-        print(f"changescribe: error: output must be a .gpkg file: {args.output}", file=sys.stderr)
-        return 2
+    if not args.verbose:
+        # GDAL prints "ERROR 1: ..." itself from threads rasterio's handler does not cover; the error reaches the
+        # user once, as the run's one-line message.
+        os.environ.setdefault("CPL_LOG", os.devnull)
+        logging.getLogger("rasterio._err").setLevel(logging.CRITICAL)
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signals can only be set there
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return args.func(args)
     except ChangeScribeError as exc:
         print(f"changescribe: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("changescribe: terminated (SIGTERM); nothing was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("changescribe: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 (the last line of defence: one line, never a traceback)
+        logging.getLogger(__name__).debug("unexpected error", exc_info=True)
+        print(f"changescribe: error: unexpected {type(exc).__name__}: {' '.join(str(exc).split())} "
+              "(run with -v for details)", file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
+from typing import Callable, TypeVar
 
 import torch
 
-from .errors import ChangeScribeError
+from .errors import ChangeScribeError, OutOfDeviceMemory
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def resolve_device(choice: str = "auto") -> torch.device:
@@ -31,3 +36,21 @@ def describe_device(device: torch.device) -> str:
         props = torch.cuda.get_device_properties(idx)
         return f"CUDA: {props.name}, {props.total_memory / 1e9:.1f} GB"
     return f"CPU, {torch.get_num_threads()} threads ({os.cpu_count()} cores)"
+
+
+def halving_on_oom(fn: Callable[..., T], join: Callable[[list[T]], T], *batch: torch.Tensor, what: str = "batch") -> T:
+    """``fn(*batch)``; on CUDA out-of-memory the batch is split in halves (down to one item) before giving up
+    with :class:`OutOfDeviceMemory`, whose ``kind`` tells the run policy (:mod:`.run`) to try the CPU."""
+    try:
+        with torch.inference_mode():
+            return fn(*batch)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        n = batch[0].shape[0]
+        if n == 1:
+            raise OutOfDeviceMemory(f"out of GPU memory even at one {what} per batch: use a smaller tile size "
+                                    "or --device cpu") from None
+        log.warning("out of GPU memory at %d per %s batch; retrying in halves", n, what)
+        h = n // 2
+        return join([halving_on_oom(fn, join, *(t[:h] for t in batch), what=what),
+                     halving_on_oom(fn, join, *(t[h:] for t in batch), what=what)])

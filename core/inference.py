@@ -17,7 +17,7 @@ import numpy as np
 import rasterio
 import torch
 
-from .errors import ChangeScribeError
+from .device import halving_on_oom
 from .model_api import ChangeModel
 from .outputs import OWN_RASTER_TAG
 from .raster_pair import AlignedPair
@@ -88,19 +88,9 @@ def _panel_sink(dst: rasterio.io.DatasetWriter, panel: Panel):
 
 
 def run_model(model: ChangeModel, before: torch.Tensor, after: torch.Tensor) -> np.ndarray:
-    """Probability for a batch, splitting it in halves on CUDA out-of-memory before giving up."""
-    try:
-        with torch.inference_mode():
-            return model.change_probability(before, after).float().cpu().numpy()
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        n = before.shape[0]
-        if n == 1:
-            raise ChangeScribeError("out of GPU memory even at batch size 1: use a smaller tile size "
-                                    "or --device cpu") from None
-        log.warning("out of GPU memory at batch %d; retrying in halves", n)
-        h = n // 2
-        return np.concatenate([run_model(model, before[:h], after[:h]), run_model(model, before[h:], after[h:])])
+    """Probability for a batch, split in halves on CUDA out-of-memory (:func:`.device.halving_on_oom`)."""
+    return halving_on_oom(lambda b, a: model.change_probability(b, a).float().cpu().numpy(), np.concatenate,
+                          before, after, what="tile")
 
 
 def predict_probability(pair: AlignedPair, model: ChangeModel, out_path: str | Path, tile_size: int | None = None,

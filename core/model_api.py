@@ -59,6 +59,17 @@ class ChangeModel(abc.ABC):
         """True when :meth:`caption` produces text (captioning models)."""
 
     @property
+    def can_detect(self) -> bool:
+        """True when :meth:`change_probability` gives a change map; a captioner without a change head (SEN) is
+        False and runs paired with a detector (:mod:`.models.pairing`)."""
+        return True
+
+    @property
+    def default_beam_size(self) -> int:
+        """The beam size captions are decoded with unless a run says otherwise (its paper's; 1 = greedy)."""
+        return 1
+
+    @property
     def device(self) -> torch.device:
         return torch.device("cpu")
 

@@ -30,8 +30,13 @@ def model_dirs(extra: list[str | os.PathLike] | None = None) -> list[Path]:
 def load_model(name_or_path: str | os.PathLike = "default", device: str | torch.device = "cpu",
                extra_dirs: list[str | os.PathLike] | None = None) -> ChangeModel:
     """A ready-to-run :class:`ChangeModel`; unknown names and unsafe files raise ``ModelError``."""
+    return load_model_file(find_model(name_or_path, extra_dirs), device=str(device))
+
+
+def find_model(name_or_path: str | os.PathLike = "default", extra_dirs: list[str | os.PathLike] | None = None) -> Path:
+    """The card path a model name (``default``: :data:`DEFAULT_MODEL`) or path names, without loading it."""
     name = DEFAULT_MODEL if str(name_or_path) in ("", "default") else str(name_or_path)
-    return load_model_file(resolve_model(name, model_dirs(extra_dirs)), device=str(device))
+    return resolve_model(name, model_dirs(extra_dirs))
 
 
 def installed_models(extra_dirs: list[str | os.PathLike] | None = None) -> list[dict]:

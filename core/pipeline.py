@@ -9,6 +9,7 @@ into place. Each step streams, so neither the raster's size nor the number of re
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -20,15 +21,17 @@ from pathlib import Path
 import rasterio
 import torch
 
-from .atomic import atomic_path
+from .api import Area, DetectRequest, DetectResult, check_tiling
+from .atomic import atomic_path, remove_stale_temporaries, temp_prefix
 from .captioning import RegionCaptioner
 from .device import describe_device, resolve_device
-from .errors import ChangeScribeError
+from .errors import OutOfDeviceMemory, StaleProbabilityError
 from .geopackage import RegionLayer, RegionWriter, write_run
 from .inference import InferenceStats, predict_probability
 from .model_api import ChangeModel
 from .model_loading import load_model
 from .models.pairing import with_detector
+from .outputs import check_free_space, check_outputs, writing
 from .raster_pair import AlignedPair, AlignmentReport, AreaOfInterest, validate_pair
 from .regions import iter_regions
 from .run_control import RunControl
@@ -55,6 +58,20 @@ class ChangeResult:
     probability: Path | None
     stats: InferenceStats
     metadata: dict = field(default_factory=dict)
+    device: str = ""
+    reused_probability: bool = False
+    notes: list[str] = field(default_factory=list)  # what the run policy did (:mod:`.run`): retries, cache
+
+    def summary_result(self) -> DetectResult:
+        """The plain-value form the CLI prints, the worker sends and the dock shows."""
+        tps = self.stats.tiles_per_second
+        return DetectResult(output=str(self.output) if self.output else None, regions=int(len(self.regions)),
+                            scene_caption=self.scene_caption, summary=self.summary,
+                            probability=str(self.probability) if self.probability else None,
+                            tiles=int(self.stats.tiles), tiles_per_second=round(tps, 2) if math.isfinite(tps) else None,
+                            reused_probability=self.reused_probability, device=self.device,
+                            alignment=tuple(self.alignment.lines()), seconds=self.metadata.get("seconds"),
+                            notes=tuple(self.notes))
 
 
 def detect_changes(before: str | os.PathLike, after: str | os.PathLike, model: ChangeModel | str = "default",
@@ -65,8 +82,10 @@ def detect_changes(before: str | os.PathLike, after: str | os.PathLike, model: C
                    beam_size: int | None = None, area_of_interest: AreaOfInterest | None = None,
                    reuse_probability: str | os.PathLike | None = None,
                    control: RunControl | None = None,
-                   detector: ChangeModel | str | os.PathLike | None = None) -> ChangeResult:
-    """Find, outline and describe what changed between ``before`` and ``after``.
+                   detector: ChangeModel | str | os.PathLike | None = None,
+                   overwrite: bool = False) -> ChangeResult:
+    """Find, outline and describe what changed between ``before`` and ``after`` (the keyword form of
+    :func:`detect`, for Python callers; a model or detector may be given loaded).
 
     ``target_gsd`` resamples both images to that many metres per pixel; ``"model"`` uses the GSD the
     model was trained at. ``min_area`` is in square metres. ``reuse_probability`` names the probability raster
@@ -76,66 +95,99 @@ def detect_changes(before: str | os.PathLike, after: str | os.PathLike, model: C
     card's, e.g. SEN's 3; else greedy). ``detector`` (a model or a name / card path) makes the change mask
     instead of the card's ``pair_with`` partner or the model's own head (:func:`.models.pairing.with_detector`).
     """
+    area = None
+    if area_of_interest is not None:
+        area = Area(area_of_interest.geometry.wkt, str(area_of_interest.crs))
+    request = DetectRequest(
+        before=before, after=after, output=output, model=model.name if isinstance(model, ChangeModel) else model,
+        detector=detector.name if isinstance(detector, ChangeModel) else detector, device=device,
+        threshold=threshold, min_area=min_area, tile_size=tile_size, overlap=overlap, batch_size=batch_size,
+        target_gsd=target_gsd, area_of_interest=area, captions=captions, beam_size=beam_size,
+        probability_output=probability_output, reuse_probability=reuse_probability, overwrite=overwrite)
+    return detect(request, control, model=model if isinstance(model, ChangeModel) else None,
+                  detector=detector if isinstance(detector, ChangeModel) else None,
+                  area_of_interest=area_of_interest)
+
+
+def detect(request: DetectRequest, control: RunControl | None = None, *, model: ChangeModel | None = None,
+           detector: ChangeModel | None = None, area_of_interest: AreaOfInterest | None = None) -> ChangeResult:
+    """The pipeline for one :class:`~.api.DetectRequest` (no cache, no retries: :func:`.run.run` adds those).
+
+    ``model`` / ``detector`` are already loaded models to use instead of the request's names;
+    ``area_of_interest`` the request's area as a geometry already made.
+    """
     control = control or RunControl()
-    if not 0.0 < threshold < 1.0:
-        raise ChangeScribeError(f"threshold must be between 0 and 1, got {threshold}")
-    if output is not None and Path(output).suffix.lower() != ".gpkg":
-        raise ChangeScribeError(f"output must be a GeoPackage (.gpkg): {output}")
+    r = request
     started = time.perf_counter()
-    validate_pair(before, after)  # cheap checks first: a bad path should not wait for a model to load
-    dev = resolve_device(device)
-    if not isinstance(model, ChangeModel):
-        model = load_model(model, dev)
-    else:
-        model = model.to(dev)
-    if detector is not None:
-        model = with_detector(model, detector, dev)
-    if beam_size is None:
-        beam_size = int(getattr(model, "default_beam_size", 1))
+    validate_pair(r.before, r.after)  # cheap checks first: a bad path should not wait for a model to load
+    check_run_outputs(r, control)
+    dev = resolve_device(r.device)
+    try:
+        return _detect(r, control, dev, model, detector,
+                       area_of_interest if area_of_interest is not None else r.aoi(), started)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        raise OutOfDeviceMemory(f"out of GPU memory on {describe_device(dev)}: use a smaller tile size or "
+                                "--device cpu") from None
+
+
+def _detect(r: DetectRequest, control: RunControl, dev: torch.device, model: ChangeModel | None,
+            detector: ChangeModel | None, area_of_interest: AreaOfInterest | None, started: float) -> ChangeResult:
+    model = load_model(r.model, dev) if model is None else model.to(dev)
+    if detector is not None or r.detector is not None:
+        model = with_detector(model, detector if detector is not None else r.detector, dev)
+    beam_size = r.beam_size if r.beam_size is not None else model.default_beam_size
     control.log(f"model {model.name} {model.version} on {describe_device(dev)}")
     spec = model.input_spec
-    gsd = spec.gsd if target_gsd == "model" else target_gsd
+    tile_size = r.tile_size or spec.tile_size
+    check_tiling(tile_size, r.overlap, r.batch_size)  # again, now that the model's tile size is known
+    gsd = spec.gsd if r.target_gsd == "model" else r.target_gsd
     # GDAL's block cache defaults to 5 % of RAM and fills as the raster grows; bound it so memory stays flat.
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), \
-            AlignedPair(before, after, bands=spec.bands, target_gsd=gsd, area_of_interest=area_of_interest) as pair:
+            AlignedPair(r.before, r.after, bands=spec.bands, target_gsd=gsd,
+                        area_of_interest=area_of_interest) as pair:
         for line in pair.report.lines():
             control.log(line)
-        with tempfile.TemporaryDirectory(prefix="changescribe-") as tmp:
-            if reuse_probability is not None:
-                prob_path = Path(reuse_probability)
+        with writing("the temporary files", tempfile.gettempdir()), \
+                tempfile.TemporaryDirectory(prefix=temp_prefix()) as tmp:
+            if r.reuse_probability is not None:
+                prob_path = Path(r.reuse_probability)
                 stats = _check_reusable(prob_path, pair)
                 control.log(f"reusing the change probability of an earlier run: {prob_path}")
             else:
                 prob_path = Path(tmp) / "change_probability.tif"
-                stats = predict_probability(pair, model, prob_path, tile_size=tile_size, overlap=overlap,
-                                            batch_size=batch_size, control=control.stage(0.0, 0.75))
+                # float32 uncompressed is the most the probability raster can take
+                check_free_space(tmp, pair.width * pair.height * 4, "the temporary probability raster")
+                with writing("the temporary probability raster", tmp):
+                    stats = predict_probability(pair, model, prob_path, tile_size=tile_size, overlap=r.overlap,
+                                                batch_size=r.batch_size, control=control.stage(0.0, 0.75))
             created = datetime.now(timezone.utc).isoformat(timespec="seconds")
             # Without an output the regions still stream to disk: a scratch GeoPackage that lives with the result.
-            scratch = Path(tempfile.mkdtemp(prefix="changescribe-regions-")) if output is None else None
-            target = Path(output) if output is not None else scratch / "regions.gpkg"
+            scratch = Path(tempfile.mkdtemp(prefix=temp_prefix("regions"))) if r.output is None else None
+            target = Path(r.output) if r.output is not None else scratch / "regions.gpkg"
             prob_out = None
             try:
-                with atomic_path(target, ".tmp.gpkg") as gpkg:
-                    captioner = RegionCaptioner(pair, model, captions, beam_size, control)
-                    per_region = _per_region(before, after, model.describe(), threshold, created)
+                with writing("the GeoPackage", target), atomic_path(target, ".tmp.gpkg") as gpkg:
+                    captioner = RegionCaptioner(pair, model, r.captions, beam_size, control)
+                    per_region = _per_region(r.before, r.after, model.describe(), r.threshold, created)
                     with RegionWriter(gpkg, pair.grid.crs.to_wkt(), per_region) as writer:
-                        for batch in iter_regions(prob_path, threshold=threshold, min_area_m2=min_area,
+                        for batch in iter_regions(prob_path, threshold=r.threshold, min_area_m2=r.min_area,
                                                   control=control.stage(0.75, 0.98)):
                             batch["caption"] = captioner.caption(batch.geometry, batch["area_m2"])
                             writer.append(batch)
                     scene_caption, summary = captioner.scene(writer.count, writer.total_area_m2)
-                    meta = _run_metadata(before, after, model, dev, pair.report, stats, threshold, min_area,
-                                         tile_size or spec.tile_size, overlap, scene_caption, summary, started,
+                    meta = _run_metadata(r.before, r.after, model, dev, pair.report, stats, r.threshold,
+                                         r.min_area, tile_size, r.overlap, scene_caption, summary, started,
                                          created)
                     write_run(gpkg, meta)
                     control.check()
-                    wanted = Path(probability_output) if probability_output else None
+                    wanted = Path(r.probability_output) if r.probability_output else None
                     if wanted is not None and wanted.exists() and wanted.samefile(prob_path):
                         prob_out = wanted  # re-running on the cached map: it is already where it belongs
                     else:
                         prob_out = _move_atomic(prob_path, wanted) if wanted is not None else None
             except BaseException:
-                if prob_out is not None and reuse_probability is None:  # never delete a cache we were given
+                if prob_out is not None and r.reuse_probability is None:  # never delete a cache we were given
                     prob_out.unlink(missing_ok=True)
                 if scratch is not None:
                     shutil.rmtree(scratch, ignore_errors=True)
@@ -143,10 +195,11 @@ def detect_changes(before: str | os.PathLike, after: str | os.PathLike, model: C
     regions = writer.layer(target)
     if scratch is not None:
         regions.own_folder(scratch)
-    out = Path(output) if output is not None else None
+    out = Path(r.output) if r.output is not None else None
     control.progress(1.0, "done")
     return ChangeResult(output=out, regions=regions, scene_caption=scene_caption, summary=summary,
-                        alignment=pair.report, probability=prob_out, stats=stats, metadata=meta)
+                        alignment=pair.report, probability=prob_out, stats=stats, metadata=meta,
+                        device=describe_device(dev), reused_probability=r.reuse_probability is not None)
 
 
 def _run_metadata(before, after, model: ChangeModel, dev: torch.device, report: AlignmentReport,
@@ -180,15 +233,31 @@ def _check_reusable(path: Path, pair: AlignedPair) -> InferenceStats:
             same = (src.crs == pair.grid.crs and src.transform.almost_equals(pair.grid.transform)
                     and (src.width, src.height) == (pair.width, pair.height))
     except rasterio.errors.RasterioIOError as exc:
-        raise ChangeScribeError(f"cannot reuse the probability raster {path}: {exc}") from None
+        raise StaleProbabilityError(f"cannot reuse the probability raster {path}: {exc}") from None
     if not same:
-        raise ChangeScribeError(f"the probability raster {path} was made for another grid; run inference again")
+        raise StaleProbabilityError(f"the probability raster {path} was made for another grid; run inference again")
     return InferenceStats(tiles=0, seconds=0.0, model_seconds=0.0, batch_size=0, device="reused")
 
 
 def _move_atomic(src: Path, dst: Path) -> Path:
     """Copy next to the destination, then rename: the destination is either absent or complete."""
-    with atomic_path(dst, ".tmp.tif") as tmp:
+    check_free_space(dst.parent, src.stat().st_size, "the probability raster")
+    with writing("the probability raster", dst), atomic_path(dst, ".tmp.tif") as tmp:
         shutil.copyfile(src, tmp)
     return dst
+
+
+def check_run_outputs(r: DetectRequest, control: RunControl) -> None:
+    """Before anything is computed: no output may destroy an input or someone else's file
+    (:func:`.outputs.check_outputs`); leftovers of crashed runs beside the outputs are removed."""
+    inputs = [r.before, r.after, r.reuse_probability]
+    for name in (r.model, r.detector):  # a model given as a file is an input too (card and weights)
+        if name and os.path.isfile(name):
+            inputs += [name, str(Path(name).with_suffix(".json")), str(Path(name).with_suffix(".safetensors"))]
+    outputs = {"GeoPackage": r.output, "probability raster": r.probability_output}
+    same = [("probability raster", r.reuse_probability)] if r.reuse_probability else []
+    check_outputs(inputs, outputs, overwrite=r.overwrite, allowed_same=same)
+    folders = {str(Path(p).parent) for p in outputs.values() if p}
+    for leftover in remove_stale_temporaries(*folders):
+        control.log(f"removed a temporary file of a crashed run: {leftover}")
 

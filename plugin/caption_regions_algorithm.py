@@ -26,6 +26,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QVariant
 
+from ..core.api import MAX_BEAM_SIZE
 from .processing_support import (
     ChangeScribeAlgorithm,
     add_model_parameters,
@@ -75,9 +76,10 @@ class CaptionRegionsAlgorithm(ChangeScribeAlgorithm):
                                                 [QgsProcessing.TypeVectorPolygon]),
             "Polygons to describe, in any CRS. Every feature is copied to the output with its caption.")
         add_model_parameters(self)
-        add(QgsProcessingParameterNumber(self.BEAM_SIZE, "Caption beam size", QgsProcessingParameterNumber.Integer,
-                                         3, minValue=1, maxValue=10),
-            "Beam search width: 3 is the setting of the captioning papers; 1 (greedy) is fastest.")
+        add(QgsProcessingParameterNumber(self.BEAM_SIZE, "Caption beam size (0 = the model's own)",
+                                         QgsProcessingParameterNumber.Integer, 0, minValue=0, maxValue=MAX_BEAM_SIZE),
+            "Beam search width, as in Detect and caption changes: 0 uses the model's own setting from its card (e.g. "
+            "3 for SEN, greedy for the shipped model); 1 is greedy decoding (fastest); 3 is the papers' setting.")
         add(QgsProcessingParameterFeatureSink(self.OUTPUT, "Captioned regions", QgsProcessing.TypeVectorPolygon),
             f"The input features with a '{CAPTION_FIELD}' field, in the input layer's CRS.")
 
@@ -95,7 +97,7 @@ class CaptionRegionsAlgorithm(ChangeScribeAlgorithm):
         source = self.parameterAsSource(parameters, self.REGIONS, context)
         if source is None:
             raise QgsProcessingException(self.invalidSourceError(parameters, self.REGIONS))
-        beam_size = self.parameterAsInt(parameters, self.BEAM_SIZE, context)
+        beam_size = self.parameterAsInt(parameters, self.BEAM_SIZE, context) or None
         control = run_control(feedback, run_control_mod.RunControl)
 
         with processing_errors():
@@ -107,6 +109,7 @@ class CaptionRegionsAlgorithm(ChangeScribeAlgorithm):
                     f"the model {model.name!r} cannot caption (it only detects change); choose a captioning "
                     f"model such as {loading.DEFAULT_MODEL}")
             feedback.pushInfo(f"model {model.name} {model.version}")
+            beam_size = beam_size or model.default_beam_size
             with raster_pair.AlignedPair(before.source(), after.source(), bands=model.input_spec.bands) as pair:
                 for line in pair.report.lines():
                     feedback.pushInfo(line)

@@ -23,6 +23,7 @@ from qgis.core import (
     QgsProcessingParameterVectorLayer,
 )
 
+from ..core.api import MAX_BEAM_SIZE, Area, DetectRequest
 from .processing_support import (
     ChangeScribeAlgorithm,
     add_model_parameters,
@@ -31,10 +32,11 @@ from .processing_support import (
     device_choice,
     import_core,
     model_choice,
+    model_enum,
+    option_choice,
     processing_errors,
     raster_input,
     run_control,
-    to_shapely,
 )
 from .styling import RegionsPostProcessor
 
@@ -45,6 +47,16 @@ class DetectChangesAlgorithm(ChangeScribeAlgorithm):
     EXTENT, MASK, CAPTIONS, BEAM_SIZE = "EXTENT", "MASK", "CAPTIONS", "BEAM_SIZE"
     OUTPUT, OUTPUT_PROBABILITY, REPORT = "OUTPUT", "OUTPUT_PROBABILITY", "REPORT"
     CAPTION, REGION_COUNT = "CAPTION", "REGION_COUNT"
+    OVERWRITE, DETECTOR, GSD = "OVERWRITE", "DETECTOR", "GSD"
+    # Every DetectRequest field and the parameter(s) that set it in build_request(), and the fields it leaves alone
+    # (a run started here has no cache); tests/test_api.py checks that together they are all the fields.
+    REQUEST_PARAMETERS = {
+        "before": BEFORE, "after": AFTER, "output": OUTPUT, "model": f"{MODEL}, {MODEL_FILE}", "detector": DETECTOR,
+        "device": DEVICE, "threshold": THRESHOLD, "min_area": MIN_AREA, "tile_size": TILE_SIZE, "overlap": OVERLAP,
+        "batch_size": BATCH_SIZE, "target_gsd": GSD, "area_of_interest": f"{EXTENT}, {MASK}", "captions": CAPTIONS,
+        "beam_size": BEAM_SIZE, "probability_output": OUTPUT_PROBABILITY, "overwrite": OVERWRITE,
+    }
+    REQUEST_UNSET = ("reuse_probability", "cache_dir")
 
     def name(self) -> str:
         return "detectchanges"
@@ -62,8 +74,8 @@ class DetectChangesAlgorithm(ChangeScribeAlgorithm):
                 "blended, so no seams). Pixels whose change probability reaches THRESHOLD become polygons; "
                 "regions smaller than MIN_AREA (m²) are dropped. Each region gets its area, mean and maximum "
                 "change probability and, with a captioning model, a sentence saying what changed; the scene "
-                "caption is returned as CAPTION and stored in the GeoPackage. No data in either raster is never "
-                "reported as change. Optionally writes the change probability raster and a one-file HTML report "
+                "caption is returned as CAPTION and stored in the GeoPackage. Where either raster has no data "
+                "(its NoData value, alpha band or mask), no change is reported. Optionally writes the change probability raster and a one-file HTML report "
                 "with before / after / change thumbnails and all captions. Nothing is written unless the whole "
                 "run succeeds.")
 
@@ -89,6 +101,10 @@ class DetectChangesAlgorithm(ChangeScribeAlgorithm):
                                          QgsProcessingParameterNumber.Integer, -1, minValue=-1),
             "Pixels shared by neighbouring tiles; overlaps are blended so tile seams do not show. -1: an eighth "
             "of the tile size.")
+        add(QgsProcessingParameterNumber(self.GSD, "Resample to this GSD in metres (0 = the before raster's, "
+                                         "-1 = the model's)", QgsProcessingParameterNumber.Double, 0.0, minValue=-1.0),
+            "Both rasters are resampled to this ground sample distance before the model runs. 0 keeps the before "
+            "raster's resolution; -1 uses the GSD the model was trained at (from its card).", advanced=True)
         add(QgsProcessingParameterExtent(self.EXTENT, "Limit to extent", optional=True),
             "Only this rectangle is analysed. An extent without a CRS is taken to be in the before raster's CRS.")
         add(QgsProcessingParameterVectorLayer(self.MASK, "Limit to polygons (mask layer)",
@@ -98,14 +114,22 @@ class DetectChangesAlgorithm(ChangeScribeAlgorithm):
         add(QgsProcessingParameterNumber(self.BATCH_SIZE, "Tiles per batch",
                                          QgsProcessingParameterNumber.Integer, 8, minValue=1),
             "Tiles the model processes at once; lower it if the GPU runs out of memory.", advanced=True)
+        add(model_enum(self.DETECTOR, "Change detector (empty = the model's own)", optional=True),
+            "The installed model that makes the change mask instead of the model's own change head or its card's "
+            "pairing ('pair_with'); the captions still come from the model. Empty: the model's own.", advanced=True)
         add(QgsProcessingParameterBoolean(self.CAPTIONS, "Caption the scene and each region", True),
             "With a captioning model, describe the scene and each region in a sentence. Off: regions only (faster).",
             advanced=True)
         add(QgsProcessingParameterNumber(self.BEAM_SIZE, "Caption beam size (0 = the model's own)",
-                                         QgsProcessingParameterNumber.Integer, 0, minValue=0, maxValue=10),
+                                         QgsProcessingParameterNumber.Integer, 0, minValue=0,
+                                         maxValue=MAX_BEAM_SIZE),
             "Beam search width for the captions: 0 uses the model's own setting from its card (e.g. 3 for SEN, "
             "greedy for the shipped model); 1 is greedy decoding (fastest); 3 is the papers' setting.",
             advanced=True)
+        add(QgsProcessingParameterBoolean(self.OVERWRITE, "Replace existing files ChangeScribe did not write", False),
+            "Off (the default): an output path that holds a file ChangeScribe did not write (its GeoPackage, "
+            "probability raster or report) stops the run, so nobody's data is replaced by accident. An input is "
+            "never overwritten, whatever this says.", advanced=True)
         add(QgsProcessingParameterVectorDestination(self.OUTPUT, "Change regions", QgsProcessing.TypeVectorPolygon),
             "GeoPackage (.gpkg) to write: layer change_regions (region_id, area_m2, mean_prob, max_prob, caption and "
             "the run's sources, model and threshold) plus the table changescribe_runs with the run's metadata.")
@@ -125,34 +149,44 @@ class DetectChangesAlgorithm(ChangeScribeAlgorithm):
             return ok, message
         return super().checkParameterValues(normalised, context)
 
+    def build_request(self, parameters, context, feedback, before, after) -> DetectRequest:
+        """The run these parameters ask for (:data:`REQUEST_PARAMETERS`); an option out of range is a one-line
+        QgsProcessingException."""
+        overlap = self.parameterAsInt(parameters, self.OVERLAP, context)
+        gsd = self.parameterAsDouble(parameters, self.GSD, context)
+        with processing_errors():
+            return DetectRequest(
+                before=before.source(), after=after.source(),
+                output=self.parameterAsOutputLayer(parameters, self.OUTPUT, context),
+                model=model_choice(self, parameters, context),
+                detector=option_choice(self, parameters, self.DETECTOR, context),
+                device=device_choice(self, parameters, context),
+                threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context),
+                min_area=self.parameterAsDouble(parameters, self.MIN_AREA, context),
+                tile_size=self.parameterAsInt(parameters, self.TILE_SIZE, context) or None,
+                overlap=None if overlap < 0 else overlap,
+                batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
+                target_gsd="model" if gsd < 0 else (gsd or None),
+                area_of_interest=self.area_of_interest(parameters, context, before, feedback),
+                captions=self.parameterAsBool(parameters, self.CAPTIONS, context),
+                beam_size=self.parameterAsInt(parameters, self.BEAM_SIZE, context) or None,
+                probability_output=self.parameterAsOutputLayer(parameters, self.OUTPUT_PROBABILITY, context) or None,
+                overwrite=self.parameterAsBool(parameters, self.OVERWRITE, context))
+
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        pipeline, run_control_mod, report_mod = import_core("pipeline", "run_control", "report")
+        run_mod, run_control_mod, report_mod, outputs = import_core("run", "run_control", "report", "outputs")
         before = raster_input(self, parameters, self.BEFORE, context, "before")
         after = raster_input(self, parameters, self.AFTER, context, "after")
-        out = self.parameterAsOutputLayer(parameters, self.OUTPUT, context)
-        if Path(out).suffix.lower() != ".gpkg":
-            raise QgsProcessingException(f"the change regions must be written to a GeoPackage (.gpkg), not {out}")
-        prob = self.parameterAsOutputLayer(parameters, self.OUTPUT_PROBABILITY, context) or None
-        if prob and Path(prob).suffix.lower() not in (".tif", ".tiff"):
-            raise QgsProcessingException(f"the change probability must be written to a GeoTIFF (.tif), not {prob}")
         report = self.parameterAsFileOutput(parameters, self.REPORT, context) or None
         if report and Path(report).suffix.lower() not in (".html", ".htm"):
             raise QgsProcessingException(f"the report must be an HTML file (.html), not {report}")
-        area = self.area_of_interest(parameters, context, before, feedback)
-        tile = self.parameterAsInt(parameters, self.TILE_SIZE, context) or None
-        overlap = self.parameterAsInt(parameters, self.OVERLAP, context)
+        request = self.build_request(parameters, context, feedback, before, after)
         control = run_control(feedback, run_control_mod.RunControl)
         with processing_errors():
-            result = pipeline.detect_changes(
-                before.source(), after.source(), model_choice(self, parameters, context), out,
-                threshold=self.parameterAsDouble(parameters, self.THRESHOLD, context),
-                min_area=self.parameterAsDouble(parameters, self.MIN_AREA, context), tile_size=tile,
-                overlap=None if overlap < 0 else overlap,
-                batch_size=self.parameterAsInt(parameters, self.BATCH_SIZE, context),
-                device=device_choice(self, parameters, context), probability_output=prob,
-                captions=self.parameterAsBool(parameters, self.CAPTIONS, context),
-                beam_size=self.parameterAsInt(parameters, self.BEAM_SIZE, context) or None,
-                area_of_interest=area, control=control)
+            # the report is written after the run: its path is checked now, with the run's other outputs
+            outputs.check_outputs([before.source(), after.source()], {"report": report}, overwrite=request.overwrite)
+            result = run_mod.run(request, control, on_note=feedback.pushWarning)
+            area = request.aoi()
             if report:
                 feedback.setProgressText("writing the report")
                 try:
@@ -169,14 +203,14 @@ class DetectChangesAlgorithm(ChangeScribeAlgorithm):
                     raise
         feedback.pushInfo(f"{len(result.regions)} change regions; scene caption: {result.scene_caption}")
         uri = f"{result.output}|layername=change_regions"
-        self._load_styled(context, out, uri, result.scene_caption)
+        self._load_styled(context, request.output, uri, result.scene_caption)
         return {self.OUTPUT: uri,
                 self.OUTPUT_PROBABILITY: str(result.probability) if result.probability else None,
                 self.REPORT: report,
                 self.CAPTION: result.scene_caption, self.REGION_COUNT: len(result.regions)}
 
-    def area_of_interest(self, parameters, context, before, feedback):
-        """EXTENT and MASK as one ``AreaOfInterest`` in the before raster's CRS, or None when neither is set."""
+    def area_of_interest(self, parameters, context, before, feedback) -> Area | None:
+        """EXTENT and MASK as one :class:`Area` in the before raster's CRS, or None when neither is set."""
         crs = before.crs()
         geometry = None
         if parameters.get(self.EXTENT) not in (None, ""):
@@ -194,9 +228,7 @@ class DetectChangesAlgorithm(ChangeScribeAlgorithm):
             return None
         if geometry.isEmpty():
             raise QgsProcessingException("the extent is empty")
-        from ..core.raster_pair import AreaOfInterest
-
-        return AreaOfInterest(to_shapely(geometry), crs_string(crs))
+        return Area(geometry.asWkt(), crs_string(crs))
 
     @staticmethod
     def mask_geometry(layer, crs, context, feedback) -> QgsGeometry:

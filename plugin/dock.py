@@ -28,16 +28,31 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
+from ..core.api import DetectRequest
+from ..core.errors import InputError
 from .dock_widgets_annotate import AnnotatePanel
 from .dock_widgets_inputs import PairPicker, gdal_source
-from .dock_widgets_model import ModelPanel
+from .dock_widgets_model import PANEL_FIELDS, ModelPanel
 from .dock_widgets_results import GROUP_NAME, ResultsPanel, add_result_layers
 from .dock_widgets_settings import SettingsDialog
 from .environment import CreateEnvironmentTask, EnvironmentPlan, ProbeTask, missing_message, qgis_python_missing
-from .run_task import LOG_TAG, ChangeTask, RunOutcome, RunRequest, cache_key, prepare_cache
+from .run_task import LOG_TAG, ChangeTask, RunJob, RunOutcome
 from .settings import Settings, export_model_folder
 
 ERROR_STYLE = "color: #b3140b;"
+# The DetectRequest fields the dock sets besides the model panel's (PANEL_FIELDS), and those it leaves alone:
+# re-use comes from the cache in cache_dir, and every run writes new files, so nothing is overwritten.
+DOCK_FIELDS = PANEL_FIELDS + ("before", "after", "output", "area_of_interest", "cache_dir", "probability_output")
+DOCK_UNSET = ("reuse_probability", "overwrite")
+
+
+def dock_request(panel: ModelPanel, before: str, after: str, output: Path, aoi: dict | None) -> DetectRequest:
+    """The run the dock's widgets choose, writing ``output`` (its probability map beside it when asked for) and
+    keeping the probability cache in the output folder's ``cache``; :class:`InputError` when out of range."""
+    prob = output.with_name(output.stem + "_probability.tif") if panel.probability_check.isChecked() else None
+    return DetectRequest(before=before, after=after, output=str(output), area_of_interest=aoi,
+                         cache_dir=str(output.parent / "cache"), probability_output=str(prob) if prob else None,
+                         **panel.request_options())
 
 
 def eta_text(elapsed: float, fraction: float) -> str:
@@ -260,7 +275,7 @@ class ChangeScribeDock(QgsDockWidget):
                                    and self.model_panel.current_card() is not None)
 
     # ---- running ---------------------------------------------------------------------------------------------
-    def build_request(self) -> RunRequest:
+    def build_request(self) -> RunJob:
         """Everything the task needs, from the widgets; ValueError with a user-facing message when not ready."""
         before, after = self.pair.before_layer(), self.pair.after_layer()
         ok, text = self.pair.alignment()
@@ -275,10 +290,6 @@ class ChangeScribeDock(QgsDockWidget):
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ValueError(f"cannot create the output folder {out_dir}: {exc.strerror}") from None
-        mp = self.model_panel
-        tile, overlap = mp.tile_spin.value(), mp.overlap_spin.value()
-        gsd = "model" if mp.gsd_check.isChecked() else None
-        b_src, a_src = gdal_source(before), gdal_source(after)
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         base = f"changes_{safe_name(before.name())}_{safe_name(after.name())}_{stamp}"
         output = out_dir / f"{base}.gpkg"
@@ -286,16 +297,11 @@ class ChangeScribeDock(QgsDockWidget):
         while output.exists():
             n += 1
             output = out_dir / f"{base}_{n}.gpkg"
-        job = {"before": b_src, "after": a_src, "output": str(output), "model": card["path"],
-               "device": mp.device(), "threshold": mp.threshold_spin.value(), "min_area": mp.min_area_spin.value(),
-               "tile_size": tile or None, "overlap": overlap if overlap >= 0 else None,
-               "batch_size": mp.batch_spin.value(), "target_gsd": gsd, "area_of_interest": aoi}
-        cache_dir = out_dir / "cache"
-        key = cache_key(b_src, a_src, card, aoi, tile, overlap, gsd)
-        prepare_cache(job, cache_dir, key)
-        prob = output.with_name(output.stem + "_probability.tif") if mp.probability_check.isChecked() else None
-        return RunRequest(job=job, python=self._python, title=f"ChangeScribe: {before.name()} → {after.name()}",
-                          cache_dir=cache_dir, cache_key=key, probability_copy=prob)
+        try:
+            request = dock_request(self.model_panel, gdal_source(before), gdal_source(after), output, aoi)
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
+        return RunJob(request=request, python=self._python, title=f"ChangeScribe: {before.name()} → {after.name()}")
 
     def start_run(self) -> bool:
         if self.task is not None:
@@ -310,11 +316,9 @@ class ChangeScribeDock(QgsDockWidget):
         self.runs += 1
         self._layer_name = (f"Changes {self.pair.before_layer().name()} → {self.pair.after_layer().name()} "
                             f"{datetime.now():%H:%M:%S}")
-        job = request.job
-        self._log(f"Run {self.runs}: {job['before']} → {job['after']}; model {Path(job['model']).stem}; "
-                  f"threshold {job['threshold']:g}, minimum area {job['min_area']:g} m²; output {job['output']}")
-        if job.get("reuse_probability"):
-            self._log(f"Re-using the cached probability map {job['reuse_probability']}: no new inference.")
+        r = request.request
+        self._log(f"Run {self.runs}: {r.before} → {r.after}; model {Path(r.model).stem}; "
+                  f"threshold {r.threshold:g}, minimum area {r.min_area:g} m²; output {r.output}")
         self.task = ChangeTask(request)
         self.task.message.connect(self._on_event)
         self.task.done.connect(self._on_done)

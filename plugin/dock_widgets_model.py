@@ -153,7 +153,7 @@ class ModelPanel(QWidget):
         self.detector_combo.clear()
         self.detector_combo.addItem("The model's own", None)
         for card in self.cards:
-            self.detector_combo.addItem(card["name"], card["path"])
+            self.detector_combo.addItem(card["name"], card["name"])  # by name, as Processing and the CLI take it
         self.detector_combo.setCurrentIndex(max(self.detector_combo.findData(chosen), 0))
         self._show_card()
         return error

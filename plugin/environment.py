@@ -20,7 +20,7 @@ from qgis.core import QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
 
 from ..core.worker import REQUIRED_MODULES, one_line
-from .main import PLUGIN_DIR
+from .paths import PLUGIN_DIR
 
 # Used only when the plugin was installed without requirements.txt (the zip); tests keep it equal to the file.
 FALLBACK_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "safetensors>=0.4", "tqdm>=4.64"]

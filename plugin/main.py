@@ -8,15 +8,14 @@ imports nothing heavy.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from qgis.core import QgsApplication
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction
 
-PLUGIN_DIR = Path(__file__).resolve().parent.parent
-ICON = str(PLUGIN_DIR / "resources" / "icons" / "changescribe.svg")
+from .paths import ICON
+
 MENU = "&ChangeScribe"
 
 

@@ -1,5 +1,5 @@
 """What ChangeScribe's Processing algorithms share: the model and device parameters, the dependency check,
-progress/cancel wiring, error translation and QGIS → shapely geometry conversion.
+progress/cancel wiring and error translation.
 
 Importing this module needs only QGIS and the standard library (the provider loads it at QGIS start-up);
 torch, rasterio and geopandas are imported when an algorithm runs, through :func:`import_core`.
@@ -14,18 +14,19 @@ from typing import Iterator
 
 from qgis.core import (
     QgsCoordinateReferenceSystem,
-    QgsGeometry,
     QgsProcessingAlgorithm,
     QgsProcessingException,
     QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
     QgsProcessingParameterFile,
 )
+from qgis.PyQt.QtCore import QUrl
 from qgis.PyQt.QtGui import QIcon
 
-from .main import ICON
+from .paths import ICON
 
 MODEL, MODEL_FILE, DEVICE = "MODEL", "MODEL_FILE", "DEVICE"
+OPTIONAL_MODELS = ("DETECTOR",)  # optional model choices that check_choices checks like MODEL
 DEVICES = ["auto", "cpu", "cuda"]
 
 INSTALL_HELP = (
@@ -50,6 +51,11 @@ class ChangeScribeAlgorithm(QgsProcessingAlgorithm):
 
     def createInstance(self) -> "ChangeScribeAlgorithm":  # noqa: N802
         return type(self)()
+
+    def helpUrl(self) -> str:  # noqa: N802
+        """The dialog's Help button opens the README shipped inside the plugin (offline) at *Using it*."""
+        readme = Path(ICON).resolve().parents[2] / "README.md"
+        return QUrl.fromLocalFile(str(readme)).toString() + "#using-it"
 
     def add_described(self, param: QgsProcessingParameterDefinition, help_text: str, advanced: bool = False) -> None:
         """Add a parameter with the help text QGIS shows for it; ``advanced`` tucks it under Advanced Parameters."""
@@ -86,11 +92,20 @@ def model_names() -> list[str]:
     return [DEFAULT_MODEL] + [n for n in names if n != DEFAULT_MODEL]
 
 
+def model_enum(name: str, description: str, optional: bool = False) -> QgsProcessingParameterEnum:
+    """A choice of installed model, stored by name (stable in models and batch files); the default model first,
+    and the default value unless ``optional``."""
+    names = model_names()
+    param = QgsProcessingParameterEnum(name, description, options=names, optional=optional,
+                                       defaultValue=None if optional else names[0])
+    param.setUsesStaticStrings(True)  # the name, not a position, is stored
+    return param
+
+
 def add_model_parameters(alg: QgsProcessingAlgorithm) -> None:
     """MODEL (installed models, by name), MODEL_FILE (a card path that overrides MODEL) and DEVICE."""
-    names = model_names()
-    model = QgsProcessingParameterEnum(MODEL, "Model", options=names, defaultValue=names[0])
-    model.setUsesStaticStrings(True)  # the name, not a position, is stored: stable in models and batch files
+    model = model_enum(MODEL, "Model")
+    names = model.options()
     model.setHelp("An installed ChangeScribe model, by name (the shipped models and those in the folders of "
                   "CHANGESCRIBE_MODEL_PATH / the plugin settings). `changescribe models` lists them with their "
                   f"cards. The default is {names[0]}. With qgis_process give the name (MODEL={names[0]}) or the "
@@ -157,6 +172,11 @@ def check_choices(alg: QgsProcessingAlgorithm, parameters: dict, context) -> tup
     device = _option(alg, parameters, DEVICE, context)
     if device is None:
         return False, f"DEVICE must be one of {', '.join(DEVICES)}, not {parameters.get(DEVICE)!r}", normalised
+    for name in (n for n in OPTIONAL_MODELS if alg.parameterDefinition(n) is not None):
+        if parameters.get(name) not in (None, "") and _option(alg, parameters, name, context) is None:
+            names = alg.parameterDefinition(name).options()
+            return False, (f"no installed model is named {parameters.get(name)!r} ({name}); installed: "
+                           f"{', '.join(names)}"), normalised
     normalised[MODEL], normalised[DEVICE] = model, device
     return True, "", normalised
 
@@ -171,6 +191,11 @@ def model_choice(alg: QgsProcessingAlgorithm, parameters: dict, context) -> str:
 
 def device_choice(alg: QgsProcessingAlgorithm, parameters: dict, context) -> str:
     return _option(alg, parameters, DEVICE, context) or "auto"
+
+
+def option_choice(alg: QgsProcessingAlgorithm, parameters: dict, name: str, context) -> str | None:
+    """The option an optional enum (e.g. DETECTOR) names, or None when it is not set."""
+    return _option(alg, parameters, name, context) or None
 
 
 def raster_input(alg: QgsProcessingAlgorithm, parameters: dict, name: str, context, role: str):
@@ -222,10 +247,3 @@ def processing_errors() -> Iterator[None]:
 def crs_string(crs: QgsCoordinateReferenceSystem) -> str:
     """What rasterio/pyproj accept: the authority id, or the full WKT for a CRS without one."""
     return crs.authid() or crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED)
-
-
-def to_shapely(geometry: QgsGeometry):
-    """A QGIS geometry as a shapely geometry (through WKB; no coordinates are changed)."""
-    from shapely import wkb
-
-    return wkb.loads(bytes(geometry.asWkb()))

@@ -6,7 +6,7 @@ from qgis.core import QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
 
 from ..core.version import VERSION
-from .main import ICON
+from .paths import ICON
 
 
 class ChangeScribeProvider(QgsProcessingProvider):

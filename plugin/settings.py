@@ -11,7 +11,7 @@ from pathlib import Path
 from qgis.core import QgsApplication, QgsProject, QgsSettings
 
 from ..core.model_loading import MODEL_PATH_ENV
-from .main import PLUGIN_DIR
+from .paths import PLUGIN_DIR
 
 PREFIX = "changescribe/"
 EXECUTION_MODES = ("auto", "qgis", "worker")  # auto: QGIS's Python when torch is there, else the worker
@@ -19,7 +19,7 @@ DEFAULTS: dict[str, object] = {
     "model": "", "device": "auto", "threshold": 0.5, "min_area": 0.0, "tile_size": 0, "overlap": -1,
     "batch_size": 8, "model_gsd": False, "probability_layer": False, "aoi_mode": 0,
     "output_folder": "", "model_folder": "", "execution": "auto", "python": "", "env_folder": "",
-    "base_python": "",
+    "base_python": "", "captions": True, "beam_size": 0, "detector": "",
 }
 
 

@@ -12,7 +12,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtGui import QColor
 
-from .main import PLUGIN_DIR
+from .paths import PLUGIN_DIR
 
 REGIONS_QML = PLUGIN_DIR / "resources" / "styles" / "change_regions.qml"
 

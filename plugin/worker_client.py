@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..core.errors import Cancelled, ChangeScribeError
+from ..core.api import DetectRequest, DetectResult
+from ..core.errors import Cancelled, ChangeScribeError, error_for_kind
 
 WORKER_MODULE = "changescribe.core.worker"
 # Not resolved: QGIS may load the plugin through a link named changescribe, whose parent is what PYTHONPATH needs.
@@ -28,7 +29,8 @@ PLUGIN_PARENT = str(Path(__file__).absolute().parent.parent.parent)
 
 
 class WorkerError(ChangeScribeError):
-    """The worker reported an error (``kind`` as in :func:`changescribe.core.worker.error_kind`) or died."""
+    """The worker could not be started, did not answer, or died without a result. (An error the worker reports
+    comes back as the error class of its ``kind``, :func:`changescribe.core.errors.error_for_kind`.)"""
 
     def __init__(self, message: str, kind: str = "error"):
         super().__init__(message)
@@ -113,10 +115,11 @@ def _pump(stream, sink: Callable[[str], None]) -> None:
         sink(line)
 
 
-def run_worker(python: str, job: dict[str, Any], on_event: Callable[[dict[str, Any]], None],
+def run_worker(python: str, request: DetectRequest, on_event: Callable[[dict[str, Any]], None],
                is_cancelled: Callable[[], bool], plugin_parent: str = PLUGIN_PARENT,
-               grace_s: float = 3.0) -> dict[str, Any]:
-    """Run one job to completion; returns the ``result`` event, raises :class:`WorkerError` / ``Cancelled``."""
+               grace_s: float = 3.0) -> DetectResult:
+    """Run one request to completion in ``python``; raises the typed error the worker reported (its ``kind``),
+    :class:`WorkerError` when it died, or ``Cancelled``."""
     tmp = tempfile.mkdtemp(prefix="changescribe-worker-")
     lines: queue.Queue[str | None] = queue.Queue()
     stderr_tail: collections.deque[str] = collections.deque(maxlen=40)
@@ -130,7 +133,7 @@ def run_worker(python: str, job: dict[str, Any], on_event: Callable[[dict[str, A
     try:
         threading.Thread(target=lambda: (_pump(proc.stdout, lines.put), lines.put(None)), daemon=True).start()
         threading.Thread(target=_pump, args=(proc.stderr, stderr_tail.append), daemon=True).start()
-        proc.stdin.write(json.dumps(job) + "\n")
+        proc.stdin.write(request.to_json() + "\n")
         proc.stdin.flush()
         while True:
             if is_cancelled() and not cancelled:
@@ -164,15 +167,15 @@ def run_worker(python: str, job: dict[str, Any], on_event: Callable[[dict[str, A
                 pass
         shutil.rmtree(tmp, ignore_errors=True)
         if cancelled or (final is None or final.get("event") != "result"):
-            _remove_partial_outputs(job)
+            _remove_partial_outputs(request)
     if cancelled or (final is not None and final.get("kind") == "cancelled"):
         raise Cancelled("cancelled by the user; nothing was written")
     if final is None:
         tail = next((s.strip() for s in reversed(stderr_tail) if s.strip()), "no message")
         raise WorkerError(f"the worker stopped (exit code {proc.returncode}) without a result: {tail}", "internal")
     if final["event"] == "error":
-        raise WorkerError(final.get("message") or "the worker failed", final.get("kind") or "error")
-    return final
+        raise error_for_kind(final.get("kind") or "error", final.get("message") or "the worker failed")
+    return DetectResult.from_event(final)
 
 
 def _stop(proc: subprocess.Popen, grace_s: float) -> None:
@@ -195,10 +198,10 @@ def _stop(proc: subprocess.Popen, grace_s: float) -> None:
             return
 
 
-def _remove_partial_outputs(job: dict[str, Any]) -> None:
+def _remove_partial_outputs(request: DetectRequest) -> None:
     """After a hard kill, core's atomic writers may leave their hidden temporary files; remove exactly those."""
     for key, suffix in (("output", ".tmp.gpkg"), ("probability_output", ".tmp.tif")):
-        target = job.get(key)
+        target = getattr(request, key)
         if not target:
             continue
         target = Path(target)

@@ -173,7 +173,7 @@ def test_eta_text():
 
 
 def test_results_never_go_into_the_plugin_folder(tmp_path):
-    from changescribe.plugin.main import PLUGIN_DIR
+    from changescribe.plugin.paths import PLUGIN_DIR
     from changescribe.plugin.settings import _inside
 
     assert _inside(PLUGIN_DIR / "out", PLUGIN_DIR) and _inside(PLUGIN_DIR, PLUGIN_DIR)

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from changescribe.core.errors import Cancelled, ChangeScribeError
+from changescribe.core.api import DetectRequest
+from changescribe.core.errors import Cancelled, ChangeScribeError, InputError, ModelError
+from changescribe.core.run import cache_key, cache_path, prune_cache
 from changescribe.core.synthetic import write_pair
-from changescribe.plugin.run_task import cache_key, cache_path, prepare_cache, prune_cache, run_with_fallback
 from changescribe.plugin.worker_client import WorkerError, probe_python, run_worker
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,11 +45,9 @@ def start_worker(plugin_parent: Path, tmp: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp)
 
 
-def job(pair, out: Path, **extra) -> dict:
-    return {"before": str(pair.before), "after": str(pair.after), "output": str(out), "model": "default",
-            "device": "cpu", "threshold": 0.3, "min_area": 0.0, "tile_size": None, "overlap": None,
-            "batch_size": 4, "probability_output": None, "reuse_probability": None, "area_of_interest": None,
-            **extra}
+def job(pair, out: Path, **extra) -> DetectRequest:
+    return DetectRequest(**{"before": str(pair.before), "after": str(pair.after), "output": str(out),
+                            "model": "default", "device": "cpu", "threshold": 0.3, "batch_size": 4, **extra})
 
 
 def read_events(proc: subprocess.Popen, until=None) -> list[dict]:
@@ -69,8 +68,8 @@ def test_worker_runs_one_job_and_reports_json_lines(tmp_path, pair, plugin_paren
     aoi = {"wkt": "POLYGON((500005 4999910, 500090 4999910, 500090 4999995, 500005 4999995, 500005 4999910))",
            "crs": "EPSG:32633"}
     proc = start_worker(plugin_parent, tmp)
-    proc.stdin.write(json.dumps(job(pair, out, probability_output=str(tmp_path / "out" / "p.tif"),
-                                    area_of_interest=aoi)) + "\n")
+    proc.stdin.write(job(pair, out, probability_output=str(tmp_path / "out" / "p.tif"),
+                         area_of_interest=aoi).to_json() + "\n")
     proc.stdin.flush()  # stdin stays open: closing it would cancel
     events = read_events(proc)
     proc.stdin.close()
@@ -93,11 +92,11 @@ def test_worker_reuses_a_probability_map_without_inference(tmp_path, pair, plugi
     prob = tmp_path / "cache" / "p.tif"
     first = run_worker(sys.executable, job(pair, tmp_path / "a.gpkg", probability_output=str(prob)),
                        lambda e: None, lambda: False, plugin_parent=str(plugin_parent))
-    assert first["tiles"] > 0 and prob.is_file()
+    assert first.tiles > 0 and prob.is_file()
     events: list[dict] = []
     second = run_worker(sys.executable, job(pair, tmp_path / "b.gpkg", threshold=0.6, reuse_probability=str(prob)),
                         events.append, lambda: False, plugin_parent=str(plugin_parent))
-    assert second["tiles"] == 0 and second["reused_probability"] and (tmp_path / "b.gpkg").is_file()
+    assert second.tiles == 0 and second.reused_probability and (tmp_path / "b.gpkg").is_file()
     assert any("reusing" in e.get("message", "") for e in events)
 
 
@@ -118,8 +117,8 @@ def test_worker_cancel_leaves_nothing_behind(tmp_path, plugin_parent, how):
     tmp.mkdir()
     out_dir.mkdir()
     proc = start_worker(plugin_parent, tmp)
-    proc.stdin.write(json.dumps(job(pair, out_dir / "c.gpkg", tile_size=64, batch_size=1,
-                                    probability_output=str(out_dir / "c.tif"))) + "\n")
+    proc.stdin.write(job(pair, out_dir / "c.gpkg", tile_size=64, batch_size=1,
+                         probability_output=str(out_dir / "c.tif")).to_json() + "\n")
     proc.stdin.flush()
     read_events(proc, until=lambda e: e["event"] == "progress" and e["message"].startswith("tile"))
     if how == "cancel-line":
@@ -158,7 +157,8 @@ def test_worker_bad_input_is_one_error_line(tmp_path, pair, plugin_parent):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     proc = start_worker(plugin_parent, tmp)
-    proc.stdin.write(json.dumps(job(pair, tmp_path / "x.gpkg", before=str(tmp_path / "missing.tif"))) + "\n")
+    proc.stdin.write(json.dumps({**job(pair, tmp_path / "x.gpkg").to_dict(), "before": str(tmp_path / "missing.tif")})
+                     + "\n")
     proc.stdin.flush()
     events = read_events(proc)
     assert proc.wait(timeout=60) == 2
@@ -166,8 +166,9 @@ def test_worker_bad_input_is_one_error_line(tmp_path, pair, plugin_parent):
     message = events[-1]["message"]
     assert "before raster not found" in message and "\n" not in message and "Traceback" not in message
     assert not (tmp_path / "x.gpkg").exists()
-    with pytest.raises(WorkerError, match="before raster not found") as info:
-        run_worker(sys.executable, job(pair, tmp_path / "x.gpkg", before=str(tmp_path / "missing.tif")),
+    with pytest.raises(InputError, match="before raster not found") as info:
+        run_worker(sys.executable, DetectRequest(before=str(tmp_path / "missing.tif"), after=str(pair.after),
+                                                 output=str(tmp_path / "x.gpkg"), device="cpu"),
                    lambda e: None, lambda: False, plugin_parent=str(plugin_parent))
     assert info.value.kind == "input"
 
@@ -181,14 +182,14 @@ def test_worker_rejects_a_job_that_is_not_json(tmp_path, plugin_parent):
 
 
 def test_worker_unknown_model_and_missing_cuda_are_clear_errors(tmp_path, pair, plugin_parent):
-    with pytest.raises(WorkerError, match="no-such-model") as info:
+    with pytest.raises(ModelError, match="no-such-model") as info:
         run_worker(sys.executable, job(pair, tmp_path / "m.gpkg", model="no-such-model"), lambda e: None,
                    lambda: False, plugin_parent=str(plugin_parent))
     assert info.value.kind == "model"
     import torch
 
     if not torch.cuda.is_available():
-        with pytest.raises(WorkerError, match="CUDA was requested"):
+        with pytest.raises(ChangeScribeError, match="CUDA was requested"):
             run_worker(sys.executable, job(pair, tmp_path / "c.gpkg", device="cuda"), lambda e: None,
                        lambda: False, plugin_parent=str(plugin_parent))
 
@@ -209,57 +210,40 @@ def test_probe_of_something_that_is_not_python_fails_clearly(tmp_path, plugin_pa
         probe_python(str(tmp_path / "nope" / "python"), str(plugin_parent))
 
 
-def test_out_of_gpu_memory_retries_with_one_tile_then_on_the_cpu():
-    calls, notes = [], []
-
-    def always_oom(j: dict) -> dict:
-        calls.append((j["device"], j["batch_size"]))
-        if j["device"] != "cpu":
-            raise ChangeScribeError("out of GPU memory even at batch size 1: use a smaller tile size")
-        return {"event": "result", "device": "CPU"}
-
-    assert run_with_fallback({"device": "auto", "batch_size": 8}, always_oom, notes.append)["device"] == "CPU"
-    assert calls == [("auto", 8), ("auto", 1), ("cpu", 8)]
-    assert "retrying with 1 tile per batch" in notes[0] and "on the CPU" in notes[1]
-
-    calls.clear()
-
-    def oom_at_eight(j: dict) -> dict:
-        calls.append(j["batch_size"])
-        if j["batch_size"] > 1:
-            raise WorkerError("out of GPU memory: CUDA out of memory", "oom")
-        return {"event": "result"}
-
-    run_with_fallback({"device": "cuda", "batch_size": 8}, oom_at_eight, notes.append)
-    assert calls == [8, 1]
-
-    def bad_input(j: dict) -> dict:
-        raise ChangeScribeError("before raster not found: x.tif")
-
-    with pytest.raises(ChangeScribeError, match="not found"):
-        run_with_fallback({"device": "cuda", "batch_size": 8}, bad_input, notes.append)
+def test_worker_job_with_options_out_of_range_is_an_input_error(tmp_path, pair, plugin_parent):
+    """A non-numeric threshold (or any option out of range) comes back as kind 'input', without a traceback."""
+    for bad, message in (({"threshold": "abc"}, "threshold must be a number between 0 and 1"),
+                         ({"batch_size": 0}, "batch size must be between 1"),
+                         ({"tile_size": 64, "overlap": 64}, "overlap must be less than the tile size")):
+        proc = start_worker(plugin_parent, tmp_path)
+        out, err = proc.communicate(json.dumps({**job(pair, tmp_path / "x.gpkg").to_dict(), **bad}) + "\n",
+                                    timeout=60)
+        assert proc.returncode == 2
+        (event,) = [json.loads(line) for line in out.splitlines()]
+        assert event["event"] == "error" and event["kind"] == "input" and message in event["message"], event
+        assert "Traceback" not in err
+        assert not (tmp_path / "x.gpkg").exists()
 
 
 def test_probability_cache_key_and_pruning(tmp_path, pair):
-    card = {"sha256": "abc", "path": "/m/x.json"}
-    key = cache_key(str(pair.before), str(pair.after), card, None, 0, -1, None)
-    assert key == cache_key(str(pair.before), str(pair.after), card, None, 0, -1, None)
-    # the key ignores threshold, minimum area and device, but not inputs, model, AOI or tiling
-    others = {cache_key(str(pair.after), str(pair.before), card, None, 0, -1, None),
-              cache_key(str(pair.before), str(pair.after), {"sha256": "def"}, None, 0, -1, None),
-              cache_key(str(pair.before), str(pair.after), card, {"wkt": "POINT(0 0)", "crs": "EPSG:4326"}, 0, -1,
-                        None),
-              cache_key(str(pair.before), str(pair.after), card, None, 256, -1, None),
-              cache_key(str(pair.before), str(pair.after), card, None, 0, -1, "model")}
-    assert key not in others and len(others) == 5
+    base = job(pair, tmp_path / "a.gpkg")
+    key = cache_key(base)
+    assert key == cache_key(base)
+    # the key ignores threshold, minimum area, device, batch size and output, but not inputs, model, AOI or tiling
+    same = {cache_key(base.__class__(**{**base.to_dict(), **change}))
+            for change in ({"threshold": 0.7}, {"min_area": 50.0}, {"device": "auto"}, {"batch_size": 1},
+                           {"output": str(tmp_path / "b.gpkg")}, {"captions": False})}
+    assert same == {key}
+    others = {cache_key(base.__class__(**{**base.to_dict(), **change}))
+              for change in ({"before": str(pair.after), "after": str(pair.before)},
+                             {"model": str(REPO / "resources" / "models" / "pix4cap-synthetic.json"), "tile_size": 64},
+                             {"area_of_interest": {"wkt": "POINT(0 0)", "crs": "EPSG:4326"}},
+                             {"tile_size": 128}, {"overlap": 8}, {"target_gsd": "model"})}
+    assert key not in others and len(others) == 6
     cache = tmp_path / "cache"
-    j: dict = {}
-    assert not prepare_cache(j, cache, key) and j["probability_output"] == str(cache_path(cache, key))
     cache.mkdir()
     cache_path(cache, key).write_bytes(b"x")
     (cache / "probability-old.tif").write_bytes(b"x")
-    assert prepare_cache(j, cache, key) and j["reuse_probability"] == str(cache_path(cache, key))
-    assert j["probability_output"] is None
     assert prune_cache(cache, cache_path(cache, key)) == [cache / "probability-old.tif"]
     assert [p.name for p in cache.iterdir()] == [cache_path(cache, key).name]
 

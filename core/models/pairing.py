@@ -41,7 +41,7 @@ class PairedChangeModel(ChangeModel):
 
     def __init__(self, detector: ChangeModel, captioner: ChangeModel, *, name: str | None = None,
                  version: str | None = None, input_spec: InputSpec | None = None) -> None:
-        if not getattr(detector, "can_detect", True):
+        if not detector.can_detect:
             raise ValueError(f"{detector.name!r} cannot detect change, so it cannot be the pair's detector")
         if detector.input_spec.bands != captioner.input_spec.bands:
             raise ValueError(f"detector {detector.name!r} reads {detector.input_spec.bands} bands but captioner "
@@ -51,7 +51,9 @@ class PairedChangeModel(ChangeModel):
         self.version = version or str(captioner.version)
         self.input_spec = input_spec or captioner.input_spec
 
-    can_detect = True
+    @property
+    def can_detect(self) -> bool:
+        return True
 
     @property
     def can_caption(self) -> bool:
@@ -59,7 +61,7 @@ class PairedChangeModel(ChangeModel):
 
     @property
     def default_beam_size(self) -> int:
-        return int(getattr(self.captioner, "default_beam_size", 1))
+        return self.captioner.default_beam_size
 
     @property
     def device(self) -> torch.device:
@@ -108,7 +110,7 @@ def pair_from_card(captioner: ChangeModel, card: dict[str, Any], device: str = "
         raise ModelFileError(f"{partner_card}: a pair_with partner must be a change detector without its own "
                              "'pair_with' entry")
     detector = load_model_file(partner_card, device=device)
-    if not getattr(detector, "can_detect", True):
+    if not detector.can_detect:
         raise ModelFileError(f"{card.get('_card_path')}: pair_with partner {partner!r} does not detect change")
     spec = captioner.input_spec
     if detector.input_spec.bands != spec.bands:
@@ -135,7 +137,7 @@ def with_detector(model: ChangeModel, detector: ChangeModel | str | os.PathLike,
     if isinstance(detector, PairedChangeModel):
         raise ModelError(f"detector {detector.name!r} is itself a captioner paired with a detector (its card has "
                          f"'pair_with'); name that change detector instead")
-    if not getattr(detector, "can_detect", True):
+    if not detector.can_detect:
         raise ModelError(f"detector {detector.name!r} has no change head, so it cannot make the change mask")
     captioner = model.captioner if isinstance(model, PairedChangeModel) else model
     if detector.input_spec.bands != captioner.input_spec.bands:
