@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from qgis.core import Qgis, QgsApplication, QgsMessageLog, QgsProject, QgsRasterLayer
+from qgis.core import Qgis, QgsApplication, QgsMessageLog, QgsProject
 from qgis.gui import QgsCollapsibleGroupBox, QgsDockWidget
 from qgis.PyQt.QtWidgets import (
     QComboBox,
@@ -31,7 +31,7 @@ from qgis.PyQt.QtWidgets import (
 from ..core.api import DetectRequest
 from ..core.errors import InputError
 from .dock_widgets_annotate import AnnotatePanel
-from .dock_widgets_inputs import PairPicker, gdal_source
+from .dock_widgets_inputs import PairPicker, gdal_source, project_rasters
 from .dock_widgets_model import PANEL_FIELDS, ModelPanel
 from .dock_widgets_results import GROUP_NAME, ResultsPanel, add_result_layers
 from .dock_widgets_settings import SettingsDialog
@@ -259,9 +259,7 @@ class ChangeScribeDock(QgsDockWidget):
 
     # ---- inputs ---------------------------------------------------------------------------------------------
     def _layers_changed(self, *_args) -> None:
-        rasters = [lyr for lyr in QgsProject.instance().mapLayers().values()
-                   if isinstance(lyr, QgsRasterLayer) and gdal_source(lyr)]
-        self.pair.guess(rasters)
+        self.pair.guess(project_rasters())
 
     def _refresh_models(self) -> None:
         error = self.model_panel.refresh_models(self.settings.model_dirs(), self.settings.get("model"))
@@ -302,6 +300,20 @@ class ChangeScribeDock(QgsDockWidget):
         except InputError as exc:
             raise ValueError(str(exc)) from None
         return RunJob(request=request, python=self._python, title=f"ChangeScribe: {before.name()} → {after.name()}")
+
+    def processing_parameters(self) -> dict[str, Any]:
+        """The dock's current choices as ``changescribe:detectchanges`` parameters (the Processing dialog opened
+        from the menu starts from them); a pair that is not two different layers is left out."""
+        params: dict[str, Any] = {}
+        before, after = self.pair.before_layer(), self.pair.after_layer()
+        if before is not None and after is not None and before.id() != after.id():
+            params.update(BEFORE=before, AFTER=after)
+        card = self.model_panel.current_card()
+        if card is not None:
+            params["MODEL_FILE"] = card["path"]
+        params.update(THRESHOLD=self.model_panel.threshold_spin.value(),
+                      MIN_AREA=self.model_panel.min_area_spin.value())
+        return params
 
     def start_run(self) -> bool:
         if self.task is not None:

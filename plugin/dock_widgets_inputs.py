@@ -16,6 +16,7 @@ from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsGeometry,
     QgsMapLayerProxyModel,
+    QgsProject,
     QgsRasterLayer,
     QgsVectorLayer,
 )
@@ -138,6 +139,20 @@ def _res(res: tuple[float, float]) -> str:
     return f"{res[0]:.3g} m" if abs(res[0] - res[1]) <= 1e-3 * res[0] else f"{res[0]:.3g}×{res[1]:.3g} m"
 
 
+def project_rasters() -> list[QgsRasterLayer]:
+    """The project's file-based rasters, the ones a pair can be made of."""
+    return [lyr for lyr in QgsProject.instance().mapLayers().values()
+            if isinstance(lyr, QgsRasterLayer) and gdal_source(lyr)]
+
+
+def guess_pair(rasters: list[QgsRasterLayer]) -> tuple[QgsRasterLayer, QgsRasterLayer] | None:
+    """(before, after) from the first two rasters, ordered by dates or words; None with fewer than two."""
+    if len(rasters) < 2:
+        return None
+    a, b = rasters[0], rasters[1]
+    return (b, a) if order(layer_hint(a), layer_hint(b)) > 0 else (a, b)
+
+
 def crs_text(crs: QgsCoordinateReferenceSystem) -> str:
     """An authority id when there is one (EPSG:…), else WKT: both are what rasterio accepts."""
     auth = crs.authid()
@@ -220,13 +235,11 @@ class PairPicker(QWidget):
         """Fill the pickers from the project's rasters while the user has not chosen: ordered by the guess."""
         if not self._auto and self.before_layer() and self.after_layer():
             return
-        if len(rasters) < 2:
+        pair = guess_pair(rasters)
+        if pair is None:
             self.refresh()
             return
-        a, b = rasters[0], rasters[1]
-        if order(layer_hint(a), layer_hint(b)) > 0:
-            a, b = b, a
-        self.set_pair(a, b)
+        self.set_pair(*pair)
         self._auto = True
 
     def refresh(self) -> None:

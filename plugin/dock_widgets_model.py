@@ -99,7 +99,7 @@ class ModelPanel(QWidget):
         self.batch_spin = _int(1, 256, "Tiles per batch: more is faster on a GPU but needs more memory")
         self.gsd_check = QCheckBox("Resample to the model's GSD")
         self.gsd_check.setToolTip("Resample both rasters to the resolution the model was trained at")
-        self.captions_check = QCheckBox("Caption the scene and each region")
+        self.captions_check = QCheckBox("Caption regions and scene")  # short: fits the dock's default width
         self.captions_check.setToolTip("With a captioning model, describe what changed in words; off: regions only "
                                        "(faster)")
         self.beam_spin = _int(0, 20, "Caption beam size: 1 = greedy (fastest); 0 = the model's own (e.g. 3 for SEN)",
@@ -114,6 +114,7 @@ class ModelPanel(QWidget):
         self.advanced.setObjectName("changescribe_advanced")
         self.advanced.setCollapsed(True)
         adv = QFormLayout(self.advanced)
+        adv.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)  # a field too wide goes under its label
         adv.addRow("Tile size", self.tile_spin)
         adv.addRow("Overlap", self.overlap_spin)
         adv.addRow("Batch size", self.batch_spin)

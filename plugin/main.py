@@ -100,8 +100,25 @@ class ChangeScribePlugin:
             QgsApplication.processingRegistry().removeProvider(self.provider)
             self.provider = None
 
-    def run(self) -> None:
-        """Open the detect-changes algorithm dialog (runs in the background, with progress and cancel)."""
+    def processing_parameters(self) -> dict:
+        """What the Processing dialog starts from: the dock's pair and settings, else the dock's guess of the
+        project's before/after rasters; never one layer as both."""
+        if self.dock is not None:
+            return self.dock.processing_parameters()
+        from .dock_widgets_inputs import guess_pair, project_rasters
+
+        pair = guess_pair(project_rasters())
+        return {"BEFORE": pair[0], "AFTER": pair[1]} if pair else {}
+
+    def processing_dialog(self):
+        """The detect-changes algorithm dialog, filled from :meth:`processing_parameters` (not yet shown)."""
         import processing
 
-        processing.execAlgorithmDialog("changescribe:detectchanges", {})
+        return processing.createAlgorithmDialog("changescribe:detectchanges", self.processing_parameters())
+
+    def run(self) -> None:
+        """Open the detect-changes algorithm dialog (runs in the background, with progress and cancel)."""
+        dialog = self.processing_dialog()
+        if dialog is not None:
+            dialog.show()
+            dialog.exec_()

@@ -165,6 +165,18 @@ def test_before_after_guess_prefers_dates_then_words():
     assert order(time_hint("a"), time_hint("b")) == 0
 
 
+def test_every_algorithm_has_help_and_no_double_negative(qgis_app):
+    from changescribe.plugin.provider import ChangeScribeProvider
+
+    provider = ChangeScribeProvider()
+    provider.loadAlgorithms()
+    algs = provider.algorithms()
+    assert len(algs) >= 3
+    for alg in algs:
+        assert alg.helpUrl().endswith("README.md#using-it") and alg.shortHelpString(), alg.name()
+        assert "never reported" not in alg.shortHelpString()
+
+
 def test_eta_text():
     from changescribe.plugin.dock import eta_text
 
@@ -189,6 +201,14 @@ def test_dock_reads_at_its_default_width(tmp_path):
         facts = r[state]
         assert facts["cut"] == [] and facts["hscroll"] == 0 and facts["inner"] <= facts["viewport"], (state, facts)
     assert {"dock_folded.png", "dock_open.png"} <= set(r["screenshots"])
+    # issue 14.8/14.9: the Raster-menu dialog starts from the dock's pair, never one layer twice, and has Help
+    before_id, after_id = r["pair_ids"]
+    assert r["dialog_parameters"]["BEFORE"] == before_id and r["dialog_parameters"]["AFTER"] == after_id
+    assert r["dialog_parameters"]["MODEL_FILE"].endswith(".json")
+    assert r["dialog_values"]["BEFORE"] == before_id and r["dialog_values"]["AFTER"] == after_id, r["dialog_values"]
+    assert r["help_url"].startswith("file://") and r["help_url"].endswith("README.md#using-it")
+    assert r["guessed_parameters"] == {"BEFORE": before_id, "AFTER": after_id}
+    assert r["one_raster_parameters"] == {}
 
 
 def test_annotate_stores_what_it_shows_and_never_carries_a_class_silently(tmp_path):

@@ -3,7 +3,7 @@
 Opens the dock from the toolbar (its default width, never resized), adds the sample pair, runs it, then checks
 with *Annotate* folded and with every foldable box open that no visible child widget is cut off: each lies
 inside the scroll area's viewport horizontally, no horizontal scroll bar is needed, and word-wrapped labels get
-the height their text needs.
+the height their text needs. Then the Processing dialog opened from the menu: filled from the dock's pair.
 Writes a JSON report and exits QGIS.
 """
 
@@ -14,9 +14,10 @@ import sys
 sys.path.insert(0, os.path.join(os.environ["CHANGESCRIBE_TEST_REPO"], "tests", "qgis_scripts"))
 
 from dock_helpers import REPO, WORK, add_raster, finish, open_dock, pump, run_and_wait, wait_until  # noqa: E402
-from qgis.core import QgsSettings  # noqa: E402
+from qgis.core import QgsProject, QgsSettings  # noqa: E402
 from qgis.PyQt.QtCore import QPoint, QTimer  # noqa: E402
 from qgis.PyQt.QtWidgets import QAbstractButton, QAbstractScrollArea, QLabel, QWidget  # noqa: E402
+from qgis.utils import iface  # noqa: E402
 
 OUT = WORK / "out"
 SHOTS = WORK / "shots"
@@ -46,8 +47,11 @@ def cut_off(dock) -> dict:
         elif isinstance(w, (QLabel, QAbstractButton)) and not (isinstance(w, QLabel) and w.wordWrap()) \
                 and w.width() < w.minimumSizeHint().width():
             bad.append(f"{name} is {w.width()} px wide, needs {w.minimumSizeHint().width()}")
+    needs = sorted(((w.mapTo(inner, QPoint(0, 0)).x() + w.minimumSizeHint().width(),
+                     f"{type(w).__name__}:{w.objectName() or (w.text()[:30] if hasattr(w, 'text') else '')}")
+                    for w in inner.findChildren(QWidget) if w.isVisible()), reverse=True)[:3]
     return {"viewport": width, "inner": inner.width(), "hscroll": scroll.horizontalScrollBar().maximum(),
-            "cut": bad}
+            "cut": bad, "widest": needs}
 
 
 def body(report):
@@ -77,6 +81,29 @@ def body(report):
     report["open_width"] = dock.width()
     dock.widget().widget().grab().save(str(SHOTS / "dock_open.png"))
     report["screenshots"] = sorted(p.name for p in SHOTS.iterdir())
+
+    # the Processing dialog opened from the menu starts from the dock's pair, whichever layer is active
+    iface.setActiveLayer(after)
+    report["dialog_parameters"] = {k: (v.id() if hasattr(v, "id") else v)
+                                   for k, v in plugin.processing_parameters().items()}
+    report["pair_ids"] = [before.id(), after.id()]
+    dialog = plugin.processing_dialog()
+    values = dialog.createProcessingParameters()
+    report["dialog_values"] = {k: (values[k].id() if hasattr(values.get(k), "id") else str(values.get(k)))
+                               for k in ("BEFORE", "AFTER", "THRESHOLD")}
+    report["help_url"] = dialog.algorithm().helpUrl()
+    dialog.close()
+    dialog.deleteLater()
+    # without the dock's pair (an unloaded dock): the guess from the project, never one layer twice
+    dock_ref, plugin.dock = plugin.dock, None
+    try:
+        guessed = plugin.processing_parameters()
+        report["guessed_parameters"] = {k: v.id() for k, v in guessed.items()}
+        QgsProject.instance().removeMapLayer(after.id())
+        pump(0.2)
+        report["one_raster_parameters"] = {k: v.id() for k, v in plugin.processing_parameters().items()}
+    finally:
+        plugin.dock = dock_ref
 
 
 QTimer.singleShot(300, lambda: finish({}, body))
