@@ -38,7 +38,8 @@ def digest(path: Path) -> str:
 
 
 def listing(folder: Path) -> list[str]:
-    return sorted(p.name for p in Path(folder).iterdir())
+    """What is in a folder, less torch's own compile cache (torch makes it in TMPDIR at import; not ours)."""
+    return sorted(p.name for p in Path(folder).iterdir() if not p.name.startswith("torchinductor_"))
 
 
 def cli(capsys, *args) -> tuple[int, str]:
@@ -365,3 +366,199 @@ def test_damaged_geotiff_is_one_line_naming_the_file(tmp_path, inputs, how, role
     assert proc.returncode == 2 and str(bad) in line and f"{role} raster" in line and "damaged" in line
     assert listing(out_dir) == []
     assert_intact(sums)
+
+
+# ---- 6. output problems: read-only, full disk (a real tmpfs), qgis_process ---------------------------------------
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a small real tmpfs (root only); the test is skipped with the reason when mounting is not allowed."""
+    mounted = []
+
+    def mount(name: str, size: str = "2m", read_only: bool = False) -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip() or 'not permitted'})")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def fill(folder: Path, leave: int) -> None:
+    """Fill ``folder``'s file system until only about ``leave`` bytes are free."""
+    st = os.statvfs(folder)
+    free = st.f_bavail * st.f_frsize
+    with open(folder / "filler.bin", "wb") as fh:
+        fh.write(b"\0" * max(0, free - leave))
+    os.sync()
+
+
+def test_read_only_output_folder(tmp_path, inputs, tmpfs):
+    before, after, sums = inputs
+    ro = tmpfs("ro", read_only=True)
+    proc = run_cli_process(*detect_args(before, after, ro / "r.gpkg"))
+    line = one_error_line(proc.stderr)
+    assert proc.returncode == 2 and "Read-only file system" in line and str(ro) in line
+    assert listing(ro) == []
+    assert_intact(sums)
+
+
+def test_output_folder_without_write_permission(tmp_path, inputs):
+    before, after, _ = inputs
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o555)
+    try:
+        env = None
+        cmd = detect_args(before, after, locked / "r.gpkg")
+        if os.geteuid() == 0:  # root ignores permission bits: run as nobody
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", PY, "-m", "changescribe", *cmd]
+            os.chmod(tmp_path, 0o755)
+            proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300,
+                                  env={**os.environ, "HOME": str(tmp_path)})
+        else:
+            proc = run_cli_process(*cmd, env=env)
+        line = one_error_line(proc.stderr)
+        assert proc.returncode == 2 and "Permission denied" in line
+        assert listing(locked) == []
+    finally:
+        os.chmod(locked, 0o755)
+
+
+def test_full_disk_during_the_geopackage_keeps_the_earlier_output(tmp_path, inputs, tmpfs):
+    before, after, sums = inputs
+    disk = tmpfs("disk", "2m")
+    out = disk / "changes.gpkg"
+    first = run_cli_process(*detect_args(before, after, out))
+    assert first.returncode == 0, first.stderr
+    old = digest(out)
+    fill(disk, 8 * 1024)
+    proc = run_cli_process(*detect_args(before, after, out, "--threshold", "0.7"))
+    line = one_error_line(proc.stderr)
+    assert proc.returncode == 2 and "disk is full" in line and "GeoPackage" in line
+    assert digest(out) == old
+    assert listing(disk) == ["changes.gpkg", "filler.bin"]
+    assert_intact(sums)
+
+
+def test_full_disk_for_the_probability_raster_keeps_the_earlier_one(tmp_path, inputs, tmpfs):
+    before, after, sums = inputs
+    disk = tmpfs("disk", "2m")
+    prob = disk / "prob.tif"
+    first = run_cli_process(*detect_args(before, after, tmp_path / "a.gpkg", "--probability", prob))
+    assert first.returncode == 0, first.stderr
+    old = digest(prob)
+    fill(disk, 4 * 1024)
+    proc = run_cli_process(*detect_args(before, after, tmp_path / "b.gpkg", "--probability", prob))
+    line = one_error_line(proc.stderr)
+    assert proc.returncode == 2 and "probability raster" in line and ("free" in line or "full" in line)
+    assert digest(prob) == old
+    assert listing(disk) == ["filler.bin", "prob.tif"]
+    assert not (tmp_path / "b.gpkg").exists()
+
+
+def test_full_temporary_folder_is_said_before_inference(tmp_path, inputs, tmpfs):
+    before, after, sums = inputs
+    tmp = tmpfs("tmp", "2m")
+    fill(tmp, 16 * 1024)
+    proc = run_cli_process(*detect_args(before, after, tmp_path / "r.gpkg"), env={"TMPDIR": str(tmp)})
+    line = one_error_line(proc.stderr)
+    assert proc.returncode == 2 and "not enough free space for the temporary probability raster" in line
+    assert listing(tmp) == ["filler.bin"] and not (tmp_path / "r.gpkg").exists()
+
+
+def test_temporary_folder_filling_up_mid_run_is_one_line(tmp_path, pair, tmpfs):
+    """The estimate passes (there is room for the raw map), but something else fills the disk while it runs."""
+    big = write_pair(tmp_path / "big", name="big", size=512, seed=2)
+    tmp = tmpfs("tmp", "2m")
+    fill(tmp, 1_100_000)  # 512² float32 = 1 MiB fits the check...
+    proc = cli_process(*detect_args(big.before, big.after, tmp_path / "r.gpkg"), env={"TMPDIR": str(tmp)})
+    time.sleep(0.5)
+    with open(tmp / "filler2.bin", "wb") as fh:  # ...then another program takes what is left
+        with pytest.raises(OSError):
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+    _, err = proc.communicate(timeout=300)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the disk filled up")
+    line = one_error_line(err)
+    assert proc.returncode == 2 and ("disk is full" in line or "not enough free space" in line)
+    assert sorted(listing(tmp)) == ["filler.bin", "filler2.bin"]
+
+
+# ---- 8. every torch.load goes through one guarded loader ----------------------------------------------------------
+
+class Evil:
+    """Unpickling this would run code: the loader must refuse the file, not run it."""
+
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/changescribe-pwned",))
+
+
+def test_there_is_exactly_one_torch_load_and_it_is_weights_only():
+    import ast
+
+    calls = []
+    for folder in ("core", "plugin", "training"):
+        for path in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                        and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                    calls.append((path.relative_to(REPO).as_posix(), node))
+    assert [p for p, _ in calls] == ["core/model_file.py"]
+    kwargs = {k.arg: k.value for k in calls[0][1].keywords}
+    assert isinstance(kwargs["weights_only"], ast.Constant) and kwargs["weights_only"].value is True
+
+
+@pytest.mark.parametrize("damage", ["pickled", "truncated", "not_torch"])
+def test_backbone_weights_that_need_unpickling_or_are_damaged_are_one_clear_error(tmp_path, damage):
+    import torch
+
+    from changescribe.core.errors import ModelError
+    from changescribe.core.models.backbones import ResNetBackbone
+
+    path = tmp_path / "resnet18.pth"
+    if damage == "pickled":
+        torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "hook": Evil()}, path)
+        match = "refused - this checkpoint holds pickled Python objects"
+    elif damage == "truncated":
+        torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, path)
+        path.write_bytes(path.read_bytes()[:500])
+        match = "cannot be read as a torch checkpoint"
+    else:
+        path.write_text("this is not a checkpoint")
+        match = "cannot be read as a torch checkpoint"
+    Path("/tmp/changescribe-pwned").unlink(missing_ok=True)
+    with pytest.raises(ModelError, match=match):
+        ResNetBackbone("resnet18", weights_path=path)
+    assert not Path("/tmp/changescribe-pwned").exists()
+
+
+def test_a_pickled_llm_named_in_a_config_is_refused_through_the_same_loader(tmp_path):
+    pytest.importorskip("transformers")
+    import json
+
+    import torch
+
+    from changescribe.core.errors import ModelError
+    from changescribe.core.models.registry import build_model, config_from_dict
+
+    llm = tmp_path / "llm"
+    llm.mkdir()
+    (llm / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                                 "num_hidden_layers": 1, "num_attention_heads": 2,
+                                                 "vocab_size": 100}))
+    torch.save({"model.embed_tokens.weight": torch.zeros(100, 64), "evil": Evil()}, llm / "pytorch_model.bin")
+    Path("/tmp/changescribe-pwned").unlink(missing_ok=True)
+    config = config_from_dict("semantic-cc-small", {"llm_path": str(llm), "llm_hidden": 64})
+    with pytest.raises(ModelError, match="refused - this checkpoint holds pickled Python objects"):
+        build_model("semantic-cc-small", config)
+    assert not Path("/tmp/changescribe-pwned").exists()

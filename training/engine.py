@@ -62,6 +62,8 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from changescribe.core.model_file import load_torch_file
+
 from .config import OptimConfig, TrainConfig
 from .datasets.common import collate as default_collate
 
@@ -489,7 +491,7 @@ def fit(cfg: TrainConfig, task: Task, out_dir: str | Path, rt: Runtime | None = 
     start_epoch, step, best, best_metrics, best_epoch = 0, 0, -math.inf, {}, 0
     ckpt = out / "last.pt"
     if resume and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=True)
+        state = load_torch_file(ckpt, map_location=device)
         module.load_state_dict(state["model"])
         opt.load_state_dict(state["optim"])
         if sched is not None and state.get("scheduler"):
@@ -607,7 +609,7 @@ def fit(cfg: TrainConfig, task: Task, out_dir: str | Path, rt: Runtime | None = 
         rt.barrier()
         return None
     if (out / "best.pt").exists():
-        module.load_state_dict(torch.load(out / "best.pt", map_location=device, weights_only=True))
+        module.load_state_dict(load_torch_file(out / "best.pt", map_location=device))
     module.to("cpu").eval()
     revision, dirty = git_revision()
     run = {"git_revision": revision, "git_dirty": dirty, "epochs": epoch + 1, "steps": step,

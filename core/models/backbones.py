@@ -29,23 +29,21 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from a local ``.safetensors`` or a weights-only torch file; unwraps {'state_dict': ...} and
     {'model': ...} (LAVIS / MiniGPT-4 checkpoints). A torch file that only loads by unpickling arbitrary
     objects is refused: that would run whatever code the file names."""
-    import pickle
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {path} not found")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        state = load_file(str(path))
-    else:
+
+        from ..model_file import CheckpointError
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{path}: refused - this checkpoint holds pickled Python objects besides tensors, and "
-                             "loading it would need weights_only=False, which can run arbitrary code. Re-save just "
-                             "its tensors (a state dict, or .safetensors) on a machine you trust "
-                             f"({first})") from None
+            state = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 (SafetensorError, OSError: a damaged or foreign file)
+            raise CheckpointError(f"{path} cannot be read as safetensors: {e}") from None
+    else:
+        from ..model_file import load_torch_file
+
+        state = load_torch_file(path)  # the one guarded torch.load (refuses pickles, says what is damaged)
         for key in ("state_dict", "model"):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]

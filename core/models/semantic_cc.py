@@ -57,6 +57,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,7 +66,7 @@ from torch import nn
 
 from .change_detector import PreNormBlock
 from .pix4cap import conv_bn_relu
-from .pretrained import load_qformer, may_read_checkpoint
+from .pretrained import load_qformer, may_read_checkpoint, read_checkpoint
 from .vit import SAM_VARIANTS, LayerNorm2d, SamViT, load_sam_encoder
 
 WEIGHTS_NOTE = (
@@ -294,7 +295,7 @@ class HFTokenizer:
     def __init__(self, path: str) -> None:
         from transformers import AutoTokenizer
 
-        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)  # nosec B615 (local files only)
         self.bos_id, self.eos_id = self.tok.bos_token_id, self.tok.eos_token_id
         pad = self.tok.pad_token_id
         self.pad_id = pad if pad is not None else (self.tok.unk_token_id or 0)
@@ -388,10 +389,15 @@ class SemanticCC(nn.Module):
 
         if cfg.llm_path:
             if _on_meta():
-                llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.llm_path, local_files_only=True))
+                llm = AutoModelForCausalLM.from_config(
+                    AutoConfig.from_pretrained(cfg.llm_path, local_files_only=True))  # nosec B615 (local files only)
             else:
-                llm = AutoModelForCausalLM.from_pretrained(cfg.llm_path, local_files_only=True,
-                                                           dtype=getattr(torch, cfg.llm_dtype))
+                # A folder with only pytorch_model*.bin goes through our guarded loader (weights_only, a clear
+                # refusal of pickles) rather than transformers' own torch.load.
+                weights = {} if any(Path(cfg.llm_path).glob("*.safetensors")) else \
+                    {"state_dict": read_checkpoint(cfg.llm_path)}
+                llm = AutoModelForCausalLM.from_pretrained(cfg.llm_path, local_files_only=True,  # nosec B615
+                                                           dtype=getattr(torch, cfg.llm_dtype), **weights)
             if llm.config.hidden_size != cfg.llm_hidden:
                 raise ValueError(f"{cfg.llm_path}: hidden size {llm.config.hidden_size} != llm_hidden {cfg.llm_hidden}")
         else:
