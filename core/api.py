@@ -87,6 +87,8 @@ class DetectRequest:
     reuse_probability: str | None = None
     cache_dir: str | None = None
     overwrite: bool = False  # replace existing output files that ChangeScribe did not write (core.outputs)
+    # in a file that declares no NoData, constant black/white fill touching the border is no data (raster_pair)
+    fill_nodata: bool = True
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -260,7 +262,7 @@ _COERCE = {
     "before": _text, "after": _text, "output": _optional_text, "model": lambda n, v: _optional_text(n, v) or "default",
     "detector": _optional_text, "device": _device, "threshold": _number, "min_area": _number,
     "tile_size": _optional_integer, "overlap": _optional_integer, "batch_size": _integer, "target_gsd": _gsd,
-    "area_of_interest": _area, "captions": _flag, "beam_size": _optional_integer,
+    "area_of_interest": _area, "captions": _flag, "fill_nodata": _flag, "beam_size": _optional_integer,
     "probability_output": _optional_text, "reuse_probability": _optional_text, "cache_dir": _optional_text,
     "overwrite": _flag,
 }

@@ -22,6 +22,7 @@ REQUEST_ARGUMENTS = {
     "overlap": "--overlap", "batch_size": "--batch-size", "target_gsd": "--gsd", "area_of_interest": "--area",
     "captions": "--no-captions", "beam_size": "--beam-size", "probability_output": "--probability",
     "reuse_probability": "--reuse-probability", "cache_dir": "--cache", "overwrite": "--overwrite",
+    "fill_nodata": "--keep-border-fill",
 }
 
 
@@ -135,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="change detector (model name or card path) that makes the mask: replaces a captioner's "
                         "card pairing ('pair_with'), or the captioning model's own change head")
     d.add_argument("--no-captions", dest="captions", action="store_false", help="masks and polygons only")
+    d.add_argument("--keep-border-fill", dest="fill_nodata", action="store_false",
+                   help="read constant black/white fill along the border of a raster that declares no NoData as "
+                        "image (by default it is no data, like the fill of mosaics and warped exports)")
     d.add_argument("--json", action="store_true", help="print the result as one JSON line")
     d.add_argument("--overwrite", action="store_true",
                    help="replace existing output files that ChangeScribe did not write (never an input)")

@@ -83,7 +83,7 @@ def detect_changes(before: str | os.PathLike, after: str | os.PathLike, model: C
                    reuse_probability: str | os.PathLike | None = None,
                    control: RunControl | None = None,
                    detector: ChangeModel | str | os.PathLike | None = None,
-                   overwrite: bool = False) -> ChangeResult:
+                   overwrite: bool = False, fill_nodata: bool = True) -> ChangeResult:
     """Find, outline and describe what changed between ``before`` and ``after`` (the keyword form of
     :func:`detect`, for Python callers; a model or detector may be given loaded).
 
@@ -103,7 +103,8 @@ def detect_changes(before: str | os.PathLike, after: str | os.PathLike, model: C
         detector=detector.name if isinstance(detector, ChangeModel) else detector, device=device,
         threshold=threshold, min_area=min_area, tile_size=tile_size, overlap=overlap, batch_size=batch_size,
         target_gsd=target_gsd, area_of_interest=area, captions=captions, beam_size=beam_size,
-        probability_output=probability_output, reuse_probability=reuse_probability, overwrite=overwrite)
+        probability_output=probability_output, reuse_probability=reuse_probability, overwrite=overwrite,
+        fill_nodata=fill_nodata)
     return detect(request, control, model=model if isinstance(model, ChangeModel) else None,
                   detector=detector if isinstance(detector, ChangeModel) else None,
                   area_of_interest=area_of_interest)
@@ -145,7 +146,7 @@ def _detect(r: DetectRequest, control: RunControl, dev: torch.device, model: Cha
     # GDAL's block cache defaults to 5 % of RAM and fills as the raster grows; bound it so memory stays flat.
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), \
             AlignedPair(r.before, r.after, bands=spec.bands, target_gsd=gsd,
-                        area_of_interest=area_of_interest) as pair:
+                        area_of_interest=area_of_interest, fill_nodata=r.fill_nodata) as pair:
         for line in pair.report.lines():
             control.log(line)
         with writing("the temporary files", tempfile.gettempdir()), \

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.enums import ColorInterp, Resampling
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import RasterioError, RasterioIOError
 from rasterio.transform import Affine
 from rasterio.vrt import WarpedVRT
@@ -32,6 +32,9 @@ from shapely.ops import transform as shapely_transform
 from .errors import InputError
 
 log = logging.getLogger(__name__)
+
+# Rows read at once when looking for border fill (bounded memory whatever the width: one strip of all bands).
+FILL_SCAN_PIXELS = 2**22
 
 # Rasters larger than this (pixels on the output grid) are refused: a user almost certainly picked the
 # wrong layer or GSD, and the run would take days. Overridable per call.
@@ -72,6 +75,8 @@ class AlignmentReport:
     height: int
     overlap_area_m2: float
     notes: list[str] = field(default_factory=list)
+    # Inputs that declare no NoData, alpha or mask: their black/white border fill is looked for (fill_nodata).
+    undeclared_nodata: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         out = [f"output grid {self.width}×{self.height} px at {_fmt_res(self.output_res)} in {self.crs}"]
@@ -83,7 +88,8 @@ class AlignmentReport:
                 "output_res": list(self.output_res), "after_reprojected": self.after_reprojected,
                 "before_resampled": self.before_resampled, "after_resampled": self.after_resampled,
                 "clipped": self.clipped, "width": self.width, "height": self.height,
-                "overlap_area_m2": self.overlap_area_m2, "notes": self.notes}
+                "overlap_area_m2": self.overlap_area_m2, "notes": self.notes,
+                "undeclared_nodata": self.undeclared_nodata}
 
 
 def _fmt_res(res: tuple[float, float]) -> str:
@@ -133,6 +139,71 @@ def unreadable(role: str, path: str, exc: BaseException) -> InputError:
                       "re-export or re-download it")
 
 
+def declares_nodata(ds: rasterio.DatasetReader) -> bool:
+    """True when the file says where it has no data: a NoData value, an alpha band or a mask band."""
+    if ds.nodata is not None or ColorInterp.alpha in ds.colorinterp:
+        return True
+    return any(MaskFlags.all_valid not in flags for flags in ds.mask_flag_enums)
+
+
+class BorderFill:
+    """Constant black or white fill connected to the grid's border, as runs from each edge.
+
+    Mosaics and warped exports often fill the area outside the image with 0 (or the type's maximum) without
+    declaring it as NoData. A pixel is fill when a straight run of fill (or no-data) pixels joins it to the border
+    of the grid along its row or its column; a dark patch inside the image is never fill. Only four run lengths
+    per row and column are kept, so memory is O(width + height) whatever the raster's size.
+    """
+
+    def __init__(self, left: np.ndarray, right: np.ndarray, top: np.ndarray, bottom: np.ndarray):
+        self.left, self.right, self.top, self.bottom = left, right, top, bottom
+        self.height, self.width = len(left), len(top)
+
+    @classmethod
+    def scan(cls, read_raw, width: int, height: int, fill_values: tuple[float, ...]) -> "BorderFill | None":
+        """Runs of fill from every edge, reading the source in strips; None when no edge starts with fill."""
+        rows = max(1, FILL_SCAN_PIXELS // max(1, width))
+        left = np.zeros(height, np.int64)
+        right = np.zeros(height, np.int64)
+        top = np.zeros(width, np.int64)
+        open_top = np.ones(width, bool)
+        last_data = np.full(width, -1, np.int64)  # last row per column that is not fill
+        for r0 in range(0, height, rows):
+            h = min(rows, height - r0)
+            data, valid = read_raw(Window(0, r0, width, h))
+            fill = ~valid
+            for value in fill_values:
+                fill |= (data == value).all(axis=0)
+            full_rows = fill.all(axis=1)
+            left[r0:r0 + h] = np.where(full_rows, width, np.argmin(fill, axis=1))
+            right[r0:r0 + h] = np.where(full_rows, width, np.argmin(fill[:, ::-1], axis=1))
+            full_cols = fill.all(axis=0)
+            top += np.where(open_top, np.where(full_cols, h, np.argmin(fill, axis=0)), 0)
+            open_top &= full_cols
+            last = h - 1 - np.argmin(fill[::-1], axis=0)
+            last_data = np.where(full_cols, last_data, r0 + last)
+        bottom = height - 1 - last_data
+        if not (left.any() or right.any() or top.any() or bottom.any()):
+            return None
+        return cls(left, right, top, bottom)
+
+    def mask(self, window: Window) -> np.ndarray:
+        """True where ``window`` (on the grid) is border fill."""
+        r0, c0 = int(window.row_off), int(window.col_off)
+        rows = np.arange(r0, r0 + int(window.height))
+        cols = np.arange(c0, c0 + int(window.width))
+        r, c = rows[:, None], cols[None, :]
+        return ((c < self.left[rows][:, None]) | (c >= self.width - self.right[rows][:, None])
+                | (r < self.top[cols][None, :]) | (r >= self.height - self.bottom[cols][None, :]))
+
+    def share(self) -> float:
+        """The fraction of the grid that is fill (from the runs; exact for collars and edge strips)."""
+        masked = 0
+        for r0 in range(0, self.height, 1024):
+            masked += int(self.mask(Window(0, r0, self.width, min(1024, self.height - r0))).sum())
+        return masked / max(1, self.width * self.height)
+
+
 class _GridSource:
     """Reads one dataset on the output grid: a direct windowed read where it already lies on it.
 
@@ -146,6 +217,7 @@ class _GridSource:
         self.role = role
         self.bands = bands
         self.vrt: WarpedVRT | None = None
+        self.fill: BorderFill | None = None
         self.offset = _integer_offset(ds, grid)
         if self.offset is None:
             has_alpha = ColorInterp.alpha in ds.colorinterp
@@ -160,8 +232,28 @@ class _GridSource:
     def warped(self) -> bool:
         return self.vrt is not None
 
+    def find_fill(self, grid: Grid) -> float:
+        """Look for black/white border fill (a file without declared no-data); the share of the grid it covers."""
+        if declares_nodata(self.ds):
+            return 0.0
+        dtype = np.dtype(self.ds.dtypes[self.bands[0] - 1])
+        values = (0, np.iinfo(dtype).max) if dtype.kind in "ui" else (0,)
+        self.fill = BorderFill.scan(self._read_raw, grid.width, grid.height, values)
+        return self.fill.share() if self.fill is not None else 0.0
+
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         """Pixels (bands, h, w) as float32 on a 0..255 scale, and a validity mask (h, w) bool."""
+        data, valid = self._read_raw(window)
+        if self.fill is not None:
+            valid &= ~self.fill.mask(window)
+        out = data.astype(np.float32)
+        if self.scale is not None:
+            lo, hi = self.scale
+            out = np.clip((out - lo[:, None, None]) * (255.0 / (hi - lo))[:, None, None], 0.0, 255.0)
+        return out, valid
+
+    def _read_raw(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """The file's own values on the grid (non-finite ones zeroed and masked) and the validity mask."""
         try:
             if self.vrt is not None:
                 data = self.vrt.read(self.bands, window=window)
@@ -177,11 +269,7 @@ class _GridSource:
             finite = np.isfinite(data)
             valid &= finite.all(axis=0)
             data = np.where(finite, data, 0)
-        out = data.astype(np.float32)
-        if self.scale is not None:
-            lo, hi = self.scale
-            out = np.clip((out - lo[:, None, None]) * (255.0 / (hi - lo))[:, None, None], 0.0, 255.0)
-        return out, valid
+        return data, valid
 
     def close(self) -> None:
         if self.vrt is not None:
@@ -232,7 +320,10 @@ class AlignedPair:
 
     def __init__(self, before: str | os.PathLike, after: str | os.PathLike, bands: int = 3,
                  band_indexes: list[int] | None = None, target_gsd: float | None = None,
-                 max_pixels: int = MAX_PIXELS, area_of_interest: AreaOfInterest | None = None):
+                 max_pixels: int = MAX_PIXELS, area_of_interest: AreaOfInterest | None = None,
+                 fill_nodata: bool = True):
+        """``fill_nodata``: in a file that declares no NoData, constant black or white fill touching the border
+        is no data (:class:`BorderFill`); False reads such files as they are."""
         self.before_path, self.after_path = str(before), str(after)
         b = open_raster(before, "before")
         try:
@@ -269,6 +360,15 @@ class AlignedPair:
                 f"after: {what} from {_fmt_res(self.report.after_res)} onto the before grid ({res_a.name})")
         else:
             self.report.notes.append("after: already on the before grid, read directly")
+        for role, source in (("before", self._before), ("after", self._after)):
+            if not fill_nodata or role not in self.report.undeclared_nodata:
+                continue
+            share = source.find_fill(self.grid)
+            self.report.notes.append(f"{role}: declares no NoData; black/white fill along its border is no data "
+                                     f"({100 * share:.1f} % of the grid)")
+        if not fill_nodata and self.report.undeclared_nodata:
+            self.report.notes.append(f"{' and '.join(self.report.undeclared_nodata)}: declare(s) no NoData; "
+                                     "border fill is read as image (fill detection off)")
         for line in self.report.lines():
             log.info(line)
 
@@ -409,6 +509,7 @@ def _plan_grid(b: rasterio.DatasetReader, a: rasterio.DatasetReader,
         output_res=_metres(res, unit), after_reprojected=a.crs != crs, before_resampled=False,
         after_resampled=False, clipped=width * height < b_pixels - 0.5, width=width, height=height,
         overlap_area_m2=full)
+    report.undeclared_nodata = [role for role, ds in (("before", b), ("after", a)) if not declares_nodata(ds)]
     if report.after_reprojected:
         report.notes.append(f"after: {a.crs.to_string()} → {crs.to_string()}")
     if report.clipped:

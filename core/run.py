@@ -1,6 +1,6 @@
 """Run policy around the pipeline: the probability cache and what to do when the GPU runs out of memory.
 
-:func:`run` is the one entry point the CLI, the worker (and so the dock) and the Processing algorithm call with a
+:func:`run_request` is the one entry point the CLI, the worker (and so the dock) and the Processing algorithm call with a
 :class:`~.api.DetectRequest`. It adds to :func:`.pipeline.detect`:
 
 - **the probability cache** (``request.cache_dir``): each run's probability map is kept there under a key made of
@@ -31,6 +31,7 @@ from .errors import DependencyError, InputError, ModelError, OutOfDeviceMemory, 
 from .run_control import RunControl
 
 if TYPE_CHECKING:
+    from .model_api import ChangeModel
     from .pipeline import ChangeResult
 
 CACHE_PREFIX = "probability-"
@@ -38,9 +39,10 @@ CPU_FALLBACK_NOTE = "Out of GPU memory even with one tile per batch: running on 
 STALE_CACHE_NOTE = "The cached probability map did not fit these inputs; running the model again."
 
 
-def run(request: DetectRequest, control: RunControl | None = None,
-        on_note: Callable[[str], None] | None = None) -> "ChangeResult":
-    """Run ``request`` with the cache and the out-of-memory policy; ``on_note`` hears what the policy did."""
+def run_request(request: DetectRequest, control: RunControl | None = None,
+        on_note: Callable[[str], None] | None = None, *, model: "ChangeModel | None" = None) -> "ChangeResult":
+    """Run ``request`` with the cache and the out-of-memory policy; ``on_note`` hears what the policy did.
+    ``model`` is an already loaded model to run instead of ``request.model`` (Python callers)."""
     control = control or RunControl()
     try:
         from .pipeline import detect
@@ -57,12 +59,12 @@ def run(request: DetectRequest, control: RunControl | None = None,
 
     def attempt(req: DetectRequest) -> "ChangeResult":
         try:
-            return detect(req, control)
+            return detect(req, control, model=model)
         except OutOfDeviceMemory:
             if req.device == "cpu":
                 raise
             note(CPU_FALLBACK_NOTE)
-            return detect(dataclasses.replace(req, device="cpu"), control)
+            return detect(dataclasses.replace(req, device="cpu"), control, model=model)
 
     result = attempt(request) if request.cache_dir is None else _run_cached(request, attempt, note)
     result.notes[:0] = notes
@@ -78,6 +80,9 @@ def _run_cached(request: DetectRequest, attempt: Callable[[DetectRequest], "Chan
         raise InputError(f"cannot create the cache folder {cache_dir}: {exc.strerror or exc}") from None
     cached = cache_path(cache_dir, cache_key(request))
     wanted = request.probability_output
+    from .pipeline import check_run_outputs
+
+    check_run_outputs(request, RunControl())  # ``wanted`` is written by the copy below, not by the pipeline
     plain = dataclasses.replace(request, cache_dir=None)
     result = None
     if cached.is_file():
@@ -92,8 +97,9 @@ def _run_cached(request: DetectRequest, attempt: Callable[[DetectRequest], "Chan
     result.probability = None
     if wanted is not None and cached.exists():
         from .atomic import atomic_path
+        from .outputs import writing
 
-        with atomic_path(Path(wanted), ".tmp.tif") as tmp:
+        with writing("the probability raster", wanted), atomic_path(Path(wanted), ".tmp.tif") as tmp:
             shutil.copyfile(cached, tmp)
         result.probability = Path(wanted)
     return result
@@ -101,7 +107,8 @@ def _run_cached(request: DetectRequest, attempt: Callable[[DetectRequest], "Chan
 
 def cache_key(request: DetectRequest) -> str:
     """Identifies a probability map: same sources (and their size/time), model and detector weights, area and
-    tiling. The device, threshold, minimum area, batch size and captions do not change the map."""
+    tiling (and whether border fill is no data). The device, threshold, minimum area, batch size and captions do
+    not change the map."""
     def stamp(path: str) -> list:
         try:
             st = os.stat(path)
@@ -112,7 +119,8 @@ def cache_key(request: DetectRequest) -> str:
     area = request.area_of_interest.to_dict() if request.area_of_interest is not None else None
     blob = json.dumps([stamp(request.before), stamp(request.after), model_identity(request.model),
                        model_identity(request.detector) if request.detector else None, area, request.tile_size,
-                       request.overlap, request.target_gsd], sort_keys=True)
+                       request.overlap, request.target_gsd]
+                      + ([] if request.fill_nodata else ["fill read as image"]), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

@@ -45,6 +45,7 @@ class DetectChangesAlgorithm(ChangeScribeAlgorithm):
     BEFORE, AFTER, MODEL, MODEL_FILE, DEVICE = "BEFORE", "AFTER", "MODEL", "MODEL_FILE", "DEVICE"
     THRESHOLD, MIN_AREA, TILE_SIZE, OVERLAP, BATCH_SIZE = "THRESHOLD", "MIN_AREA", "TILE_SIZE", "OVERLAP", "BATCH_SIZE"
     EXTENT, MASK, CAPTIONS, BEAM_SIZE = "EXTENT", "MASK", "CAPTIONS", "BEAM_SIZE"
+    FILL_NODATA = "FILL_NODATA"
     OUTPUT, OUTPUT_PROBABILITY, REPORT = "OUTPUT", "OUTPUT_PROBABILITY", "REPORT"
     CAPTION, REGION_COUNT = "CAPTION", "REGION_COUNT"
     OVERWRITE, DETECTOR, GSD = "OVERWRITE", "DETECTOR", "GSD"
@@ -53,7 +54,7 @@ class DetectChangesAlgorithm(ChangeScribeAlgorithm):
     REQUEST_PARAMETERS = {
         "before": BEFORE, "after": AFTER, "output": OUTPUT, "model": f"{MODEL}, {MODEL_FILE}", "detector": DETECTOR,
         "device": DEVICE, "threshold": THRESHOLD, "min_area": MIN_AREA, "tile_size": TILE_SIZE, "overlap": OVERLAP,
-        "batch_size": BATCH_SIZE, "target_gsd": GSD, "area_of_interest": f"{EXTENT}, {MASK}", "captions": CAPTIONS,
+        "batch_size": BATCH_SIZE, "target_gsd": GSD, "area_of_interest": f"{EXTENT}, {MASK}", "captions": CAPTIONS, "fill_nodata": FILL_NODATA,
         "beam_size": BEAM_SIZE, "probability_output": OUTPUT_PROBABILITY, "overwrite": OVERWRITE,
     }
     REQUEST_UNSET = ("reuse_probability", "cache_dir")
@@ -75,7 +76,8 @@ class DetectChangesAlgorithm(ChangeScribeAlgorithm):
                 "regions smaller than MIN_AREA (m²) are dropped. Each region gets its area, mean and maximum "
                 "change probability and, with a captioning model, a sentence saying what changed; the scene "
                 "caption is returned as CAPTION and stored in the GeoPackage. Where either raster has no data "
-                "(its NoData value, alpha band or mask), no change is reported. Optionally writes the change probability raster and a one-file HTML report "
+                "(its NoData value, alpha band or mask, and by default black or white fill along the border of a "
+                "raster that declares none), no change is reported. Optionally writes the change probability raster and a one-file HTML report "
                 "with before / after / change thumbnails and all captions. Nothing is written unless the whole "
                 "run succeeds.")
 
@@ -117,6 +119,10 @@ class DetectChangesAlgorithm(ChangeScribeAlgorithm):
         add(model_enum(self.DETECTOR, "Change detector (empty = the model's own)", optional=True),
             "The installed model that makes the change mask instead of the model's own change head or its card's "
             "pairing ('pair_with'); the captions still come from the model. Empty: the model's own.", advanced=True)
+        add(QgsProcessingParameterBoolean(self.FILL_NODATA, "Border fill is no data", True),
+            "In a raster that declares no NoData value, constant black (or white) fill touching its border, as in "
+            "mosaics and warped exports, is no data and never change. Off: such fill is read as image.",
+            advanced=True)
         add(QgsProcessingParameterBoolean(self.CAPTIONS, "Caption the scene and each region", True),
             "With a captioning model, describe the scene and each region in a sentence. Off: regions only (faster).",
             advanced=True)
@@ -169,6 +175,7 @@ class DetectChangesAlgorithm(ChangeScribeAlgorithm):
                 target_gsd="model" if gsd < 0 else (gsd or None),
                 area_of_interest=self.area_of_interest(parameters, context, before, feedback),
                 captions=self.parameterAsBool(parameters, self.CAPTIONS, context),
+                fill_nodata=self.parameterAsBool(parameters, self.FILL_NODATA, context),
                 beam_size=self.parameterAsInt(parameters, self.BEAM_SIZE, context) or None,
                 probability_output=self.parameterAsOutputLayer(parameters, self.OUTPUT_PROBABILITY, context) or None,
                 overwrite=self.parameterAsBool(parameters, self.OVERWRITE, context))

@@ -92,6 +92,7 @@ class ChangeScribeDock(QgsDockWidget):
         self._started = 0.0
         self._build()
         self.model_panel.load(self.settings)
+        self.pair.set_fill_nodata(self.model_panel.fill_check.isChecked())
         self.pair.aoi_combo.setCurrentIndex(self.settings.get("aoi_mode"))
         self._refresh_models()
         project = QgsProject.instance()
@@ -182,6 +183,7 @@ class ChangeScribeDock(QgsDockWidget):
         self.env_create_button.clicked.connect(self.open_settings)
         self.pair.changed.connect(self._update_run_button)
         self.model_panel.device_combo.currentIndexChanged.connect(self._show_device)
+        self.model_panel.fill_check.toggled.connect(self.pair.set_fill_nodata)
 
     # ---- environment ----------------------------------------------------------------------------------------
     def check_environment(self) -> None:

@@ -112,7 +112,7 @@ def _gdal_datetime(layer: QgsRasterLayer) -> str:
         return ""
 
 
-def describe_alignment(before: str, after: str) -> tuple[bool, str]:
+def describe_alignment(before: str, after: str, fill_nodata: bool = True) -> tuple[bool, str]:
     """(ok, one line): what aligning the pair will do, or why the pair cannot be compared."""
     if importlib.util.find_spec("rasterio") is None:
         return True, "Alignment is checked when the run starts (rasterio is not installed in QGIS's Python)."
@@ -132,6 +132,10 @@ def describe_alignment(before: str, after: str) -> tuple[bool, str]:
     if abs(r.after_res[0] - r.output_res[0]) > 1e-3 * r.output_res[0]:
         parts.append(f"after resampled from {_res(r.after_res)}")
     parts.append(f"{'clipped to the ' if r.clipped else ''}overlap {r.overlap_area_m2 / 1e6:.3f} km²")
+    if r.undeclared_nodata:
+        who = " and ".join(r.undeclared_nodata)
+        parts.append(f"{who} declare{'s' if len(r.undeclared_nodata) == 1 else ''} no NoData: black/white border "
+                     + ("fill is no data" if fill_nodata else "fill is read as image"))
     return True, "; ".join(parts) + "."
 
 
@@ -193,6 +197,7 @@ class PairPicker(QWidget):
         grid.addWidget(self.aoi_layer_combo, 5, 1, 1, 2)
         grid.setColumnStretch(1, 1)
         self._auto = True  # until the user picks a layer, the pickers follow the guess
+        self.fill_nodata = True  # the dock's "Border fill is no data" choice, said in the alignment line
         self.swap_button.clicked.connect(self.swap)
         self.before_combo.layerChanged.connect(self._user_changed)
         self.after_combo.layerChanged.connect(self._user_changed)
@@ -217,6 +222,10 @@ class PairPicker(QWidget):
             combo.blockSignals(True)
             combo.setLayer(layer)
             combo.blockSignals(False)
+        self.refresh()
+
+    def set_fill_nodata(self, on: bool) -> None:
+        self.fill_nodata = bool(on)
         self.refresh()
 
     def swap(self) -> None:
@@ -262,7 +271,7 @@ class PairPicker(QWidget):
         b, a = gdal_source(before), gdal_source(after)
         if not b or not a:
             return False, "Only file-based (GDAL) rasters can be compared, not web or virtual layers."
-        return describe_alignment(b, a)
+        return describe_alignment(b, a, self.fill_nodata)
 
     @staticmethod
     def _order_hint(before, after) -> str:

@@ -28,7 +28,7 @@ from .settings import Settings
 DEVICES = (("auto", "Auto"), ("cpu", "CPU"), ("cuda", "CUDA GPU"))
 # The DetectRequest fields ModelPanel.request_options() sets.
 PANEL_FIELDS = ("model", "detector", "device", "threshold", "min_area", "tile_size", "overlap", "batch_size",
-                "target_gsd", "captions", "beam_size")
+                "target_gsd", "captions", "beam_size", "fill_nodata")
 
 
 def list_models(extra_dirs: list[str]) -> tuple[list[dict[str, Any]], str | None]:
@@ -98,6 +98,11 @@ class ModelPanel(QWidget):
         self.overlap_spin = _int(-1, 2048, "Overlap between tiles in pixels; -1 = tile/8", special="tile/8")
         self.batch_spin = _int(1, 256, "Tiles per batch: more is faster on a GPU but needs more memory")
         self.gsd_check = QCheckBox("Resample to the model's GSD")
+        self.fill_check = QCheckBox("Border fill is no data")
+        self.fill_check.setObjectName("changescribe_fill_nodata")
+        self.fill_check.setChecked(True)
+        self.fill_check.setToolTip("In a raster that declares no NoData value, constant black or white fill "
+                                   "touching its border (mosaics, warped exports) is no data, never change")
         self.gsd_check.setToolTip("Resample both rasters to the resolution the model was trained at")
         self.captions_check = QCheckBox("Caption regions and scene")  # short: fits the dock's default width
         self.captions_check.setToolTip("With a captioning model, describe what changed in words; off: regions only "
@@ -121,6 +126,7 @@ class ModelPanel(QWidget):
         adv.addRow(self.gsd_check)
         adv.addRow("Detector", self.detector_combo)
         adv.addRow(self.captions_check)
+        adv.addRow(self.fill_check)
         adv.addRow("Beam size", self.beam_spin)
         # The picker, its summary and card take the full width (under the dock's "Model" heading): word-wrapped
         # labels inside a form row get too little height, and a label column would squeeze the model's name.
@@ -183,7 +189,8 @@ class ModelPanel(QWidget):
                 "min_area": self.min_area_spin.value(), "tile_size": self.tile_spin.value() or None,
                 "overlap": None if overlap < 0 else overlap, "batch_size": self.batch_spin.value(),
                 "target_gsd": "model" if self.gsd_check.isChecked() else None,
-                "captions": self.captions_check.isChecked(), "beam_size": self.beam_spin.value() or None}
+                "captions": self.captions_check.isChecked(), "beam_size": self.beam_spin.value() or None,
+                "fill_nodata": self.fill_check.isChecked()}
 
     def set_probe(self, info: dict[str, Any]) -> None:
         """Label the device choices with what the Python that will run actually has."""
@@ -207,6 +214,7 @@ class ModelPanel(QWidget):
         self.batch_spin.setValue(s.get("batch_size"))
         self.gsd_check.setChecked(s.get("model_gsd"))
         self.captions_check.setChecked(s.get("captions"))
+        self.fill_check.setChecked(s.get("fill_nodata"))
         self.beam_spin.setValue(s.get("beam_size"))
         self._detector_setting = s.get("detector") or None
         self.detector_combo.setCurrentIndex(max(self.detector_combo.findData(self._detector_setting), 0))
@@ -224,6 +232,7 @@ class ModelPanel(QWidget):
         s.set("batch_size", self.batch_spin.value())
         s.set("model_gsd", self.gsd_check.isChecked())
         s.set("captions", self.captions_check.isChecked())
+        s.set("fill_nodata", self.fill_check.isChecked())
         s.set("beam_size", self.beam_spin.value())
         s.set("detector", self.detector_combo.currentData() or "")
 

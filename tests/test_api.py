@@ -202,7 +202,7 @@ def test_every_request_field_reaches_every_entry_point(qgis_app):
                          threshold=0.2, min_area=5.0, tile_size=64, overlap=4, batch_size=2, target_gsd=1.5,
                          area_of_interest=Area("POLYGON((0 0,1 0,1 1,0 0))", "EPSG:4326"), captions=False,
                          beam_size=3, probability_output="p.tif", reuse_probability="r.tif", cache_dir="c",
-                         overwrite=True)
+                         overwrite=True, fill_nodata=False)
     default = DetectRequest(before="a.tif", after="b.tif")
     assert all(getattr(full, f) != getattr(default, f) for f in FIELDS if f not in ("before", "after"))
     assert DetectRequest.from_json(full.to_json()) == full

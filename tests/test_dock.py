@@ -196,6 +196,10 @@ def test_dock_reads_at_its_default_width(tmp_path):
     """Issue 14: nothing is cut off at the width QGIS gives a new dock, with Annotate folded or open."""
     r = run_qgis(tmp_path, "dock_layout.py", with_torch=True)
     assert r["run"]["finished"] and not r["run"]["error"], r["run"]
+    # issue 14.4: the alignment line says that border fill is no data, and follows the switch
+    assert "declare no NoData: black/white border fill is no data" in r["alignment"], r["alignment"]
+    assert "fill is read as image" in r["alignment_fill_off"]
+    assert any("black/white fill along its border is no data" in line for line in r["run"]["result"]["alignment"])
     assert r["dock_width"] == r["width_after_run"] == r["open_width"] < 360, r  # never widened to fit
     for state in ("folded", "open"):
         facts = r[state]
