@@ -1,7 +1,7 @@
 """The run contract: one typed request that every entry point builds, and the typed result it gets back.
 
 The CLI, the worker (whose job line *is* a request's JSON), the Processing algorithm and the dock all build a
-:class:`DetectRequest` and hand it to :func:`changescribe.core.run.run`; none of them copies the run's options
+:class:`DetectRequest` and hand it to :func:`changescribe.core.run.run_request`; none of them copies the run's options
 by hand. A request is checked when it is made: a value of the wrong type or out of range raises one
 :class:`~.errors.InputError` whose message states the valid range, before anything is read or written.
 

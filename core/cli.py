@@ -38,7 +38,7 @@ def _detect(args: argparse.Namespace) -> int:
     request = detect_request(args)  # before anything heavy is imported: a bad option fails at once
     from tqdm import tqdm
 
-    from .run import run
+    from .run import run_request
     from .run_control import RunControl
 
     bar = tqdm(total=1000, unit="‰", disable=args.quiet, file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}<{remaining}")
@@ -49,7 +49,7 @@ def _detect(args: argparse.Namespace) -> int:
 
     control = RunControl(on_progress=on_progress, on_log=(None if args.quiet else lambda m: tqdm.write(m, file=sys.stderr)))
     try:
-        result = run(request, control).summary_result()
+        result = run_request(request, control).summary_result()
     finally:
         bar.close()
     if args.json:

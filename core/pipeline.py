@@ -112,7 +112,7 @@ def detect_changes(before: str | os.PathLike, after: str | os.PathLike, model: C
 
 def detect(request: DetectRequest, control: RunControl | None = None, *, model: ChangeModel | None = None,
            detector: ChangeModel | None = None, area_of_interest: AreaOfInterest | None = None) -> ChangeResult:
-    """The pipeline for one :class:`~.api.DetectRequest` (no cache, no retries: :func:`.run.run` adds those).
+    """The pipeline for one :class:`~.api.DetectRequest` (no cache, no retries: :func:`.run.run_request` adds those).
 
     ``model`` / ``detector`` are already loaded models to use instead of the request's names;
     ``area_of_interest`` the request's area as a geometry already made.

@@ -69,9 +69,9 @@ def error_event(exc: BaseException) -> dict[str, Any]:
 
 def execute(request: DetectRequest, on_event: Callable[[dict[str, Any]], None],
             is_cancelled: Callable[[], bool] | None = None) -> DetectResult:
-    """Run ``request`` in this Python (:func:`.run.run`), reporting ``log``/``device``/``progress``/``note``
+    """Run ``request`` in this Python (:func:`.run.run_request`), reporting ``log``/``device``/``progress``/``note``
     events; raises what the run raises."""
-    from .run import run
+    from .run import run_request
 
     control = RunControl(on_progress=lambda f, m: on_event({"event": "progress", "fraction": round(f, 5),
                                                             "message": m}),
@@ -83,7 +83,7 @@ def execute(request: DetectRequest, on_event: Callable[[dict[str, Any]], None],
         raise DependencyError(f"cannot import what ChangeScribe needs in {sys.executable}: {exc}. Install "
                               "PyTorch, torchvision, safetensors, rasterio and geopandas there") from None
     on_event({"event": "device", "device": describe_device(resolve_device(request.device))})
-    result = run(request, control, on_note=lambda m: on_event({"event": "note", "message": m}))
+    result = run_request(request, control, on_note=lambda m: on_event({"event": "note", "message": m}))
     return result.summary_result()
 
 

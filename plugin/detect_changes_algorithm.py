@@ -181,7 +181,9 @@ class DetectChangesAlgorithm(ChangeScribeAlgorithm):
                 overwrite=self.parameterAsBool(parameters, self.OVERWRITE, context))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        run_mod, run_control_mod, report_mod, outputs = import_core("run", "run_control", "report", "outputs")
+        # the pipeline too, so a missing library is reported with how to install it before anything else
+        _, run_mod, run_control_mod, report_mod, outputs = import_core("pipeline", "run", "run_control", "report",
+                                                                       "outputs")
         before = raster_input(self, parameters, self.BEFORE, context, "before")
         after = raster_input(self, parameters, self.AFTER, context, "after")
         report = self.parameterAsFileOutput(parameters, self.REPORT, context) or None
@@ -192,7 +194,7 @@ class DetectChangesAlgorithm(ChangeScribeAlgorithm):
         with processing_errors():
             # the report is written after the run: its path is checked now, with the run's other outputs
             outputs.check_outputs([before.source(), after.source()], {"report": report}, overwrite=request.overwrite)
-            result = run_mod.run(request, control, on_note=feedback.pushWarning)
+            result = run_mod.run_request(request, control, on_note=feedback.pushWarning)
             area = request.aoi()
             if report:
                 feedback.setProgressText("writing the report")

@@ -2,7 +2,7 @@
 
 The task only computes and reports; loading layers and touching widgets happens on the main thread in the
 dock when :attr:`ChangeTask.done` fires. The run's policy (the probability cache, the out-of-memory fallback)
-is core's (:func:`changescribe.core.run.run`), so it behaves the same in both places and for the CLI.
+is core's (:func:`changescribe.core.run.run_request`), so it behaves the same in both places and for the CLI.
 """
 
 from __future__ import annotations
