@@ -164,7 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         # GDAL prints "ERROR 1: ..." itself from threads rasterio's handler does not cover; the error reaches the
         # user once, as the run's one-line message.
         os.environ.setdefault("CPL_LOG", os.devnull)
-        logging.getLogger("rasterio._err").setLevel(logging.CRITICAL)
+        for name in ("rasterio", "fiona"):  # their GDAL errors also come back as the exception we report
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        # fiona's Cython code prints a failed flush while a GeoPackage closes as a traceback (through
+        # sys.excepthook) and an "Exception ignored" line; the failure itself is what the run reports
+        quiet = logging.getLogger(__name__).debug
+        sys.unraisablehook = lambda unraisable: quiet("ignored: %s", unraisable.exc_value)
+        sys.excepthook = lambda kind, value, tb: quiet("ignored: %s: %s", kind.__name__, value)
     import threading
 
     main_thread = threading.current_thread() is threading.main_thread()  # signals can only be set there

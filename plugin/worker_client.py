@@ -167,7 +167,7 @@ def run_worker(python: str, request: DetectRequest, on_event: Callable[[dict[str
                 pass
         shutil.rmtree(tmp, ignore_errors=True)
         if cancelled or (final is None or final.get("event") != "result"):
-            _remove_partial_outputs(request)
+            _remove_partial_outputs(request, proc.pid)
     if cancelled or (final is not None and final.get("kind") == "cancelled"):
         raise Cancelled("cancelled by the user; nothing was written")
     if final is None:
@@ -198,17 +198,13 @@ def _stop(proc: subprocess.Popen, grace_s: float) -> None:
             return
 
 
-def _remove_partial_outputs(request: DetectRequest) -> None:
-    """After a hard kill, core's atomic writers may leave their hidden temporary files; remove exactly those."""
-    for key, suffix in (("output", ".tmp.gpkg"), ("probability_output", ".tmp.tif")):
-        target = getattr(request, key)
-        if not target:
-            continue
-        target = Path(target)
-        if not target.parent.is_dir():
-            continue
-        for leftover in target.parent.glob(f".{target.stem}.*{suffix}*"):
-            try:
-                leftover.unlink()
-            except OSError:
-                pass
+def _remove_partial_outputs(request: DetectRequest, pid: int) -> None:
+    """After the worker died (killed, crashed), remove the temporaries it left beside the outputs: exactly those
+    named with its process id (:func:`changescribe.core.atomic.remove_temporaries`), nobody else's."""
+    from ..core.atomic import remove_temporaries
+
+    folders = {Path(p).parent for p in (request.output, request.probability_output) if p}
+    if request.cache_dir:
+        folders.add(Path(request.cache_dir))
+    for folder in folders:
+        remove_temporaries(folder, pid)
