@@ -295,7 +295,7 @@ class HFTokenizer:
     def __init__(self, path: str) -> None:
         from transformers import AutoTokenizer
 
-        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)  # nosec B615 (local files only)
+        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)  # nosec B615
         self.bos_id, self.eos_id = self.tok.bos_token_id, self.tok.eos_token_id
         pad = self.tok.pad_token_id
         self.pad_id = pad if pad is not None else (self.tok.unk_token_id or 0)
@@ -390,12 +390,13 @@ class SemanticCC(nn.Module):
         if cfg.llm_path:
             if _on_meta():
                 llm = AutoModelForCausalLM.from_config(
-                    AutoConfig.from_pretrained(cfg.llm_path, local_files_only=True))  # nosec B615 (local files only)
+                    AutoConfig.from_pretrained(cfg.llm_path, local_files_only=True))  # nosec B615
             else:
                 # A folder with only pytorch_model*.bin goes through our guarded loader (weights_only, a clear
                 # refusal of pickles) rather than transformers' own torch.load.
                 weights = {} if any(Path(cfg.llm_path).glob("*.safetensors")) else \
                     {"state_dict": read_checkpoint(cfg.llm_path)}
+                # local_files_only: nothing is downloaded, so revision pinning (bandit B615) does not apply
                 llm = AutoModelForCausalLM.from_pretrained(cfg.llm_path, local_files_only=True,  # nosec B615
                                                            dtype=getattr(torch, cfg.llm_dtype), **weights)
             if llm.config.hidden_size != cfg.llm_hidden:
