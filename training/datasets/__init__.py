@@ -19,7 +19,7 @@ from ..config import DataConfig
 from .augment import AugmentedDataset, BiTemporalAugment
 from .common import IGNORE, collate
 
-SOURCES = ("synthetic", "levircc", "levirmci", "levircd")
+SOURCES = ("synthetic", "real-change", "levircc", "levirmci", "levircd")
 VALIDATION_SEED_OFFSET = 1_000_000  # synthetic validation pairs: seeds disjoint from training
 
 __all__ = ["SOURCES", "IGNORE", "collate", "build_dataset", "describe_data", "describe_split"]
@@ -35,6 +35,8 @@ def build_dataset(d: DataConfig, split: str, train: bool = False, progress: bool
 
         count, seed = (d.train_pairs, d.first_seed) if train else (d.val_pairs, d.first_seed + VALIDATION_SEED_OFFSET)
         ds = SyntheticChangeDataset(count, d.size, seed, d.p_no_change, progress=progress)
+    elif d.source == "real-change":
+        ds = _real_change(d, train, progress)
     else:
         if not d.root:
             raise ValueError(f"data.source {d.source!r} needs data.root")
@@ -50,11 +52,36 @@ def build_dataset(d: DataConfig, split: str, train: bool = False, progress: bool
     return AugmentedDataset(ds, augment) if train and augment.enabled else ds
 
 
+def _real_change(d: DataConfig, train: bool, progress: bool):
+    """Change synthesised on real imagery, plus generated scenes for the captions (training split only)."""
+    from torch.utils.data import ConcatDataset
+
+    from .real_change import RealChangeDataset, SynthesisConfig, load_real_scenes
+    from .synthetic import SyntheticChangeDataset
+
+    if not d.labelled:
+        raise ValueError("data.source 'real-change' needs data.labelled: [{\"image\": ..., \"footprints\": ...}]")
+    scenes = load_real_scenes(d.labelled, d.backgrounds or [])
+    count, seed = (d.train_pairs, d.first_seed) if train else (d.val_pairs, d.first_seed + VALIDATION_SEED_OFFSET)
+    real = RealChangeDataset(scenes, count, d.size, seed, SynthesisConfig(**d.synthesis), d.object_gsd_ratio)
+    if not (train and d.generated_pairs):
+        return real
+    generated = SyntheticChangeDataset(d.generated_pairs, d.size, d.first_seed, d.p_no_change, progress=progress,
+                                       ignore_masks=not d.generated_masks)
+    return ConcatDataset([real, generated])
+
+
 def describe_data(d: DataConfig, train_len: int, val_len: int) -> str:
     """One line for the model card's ``training_data``."""
     if d.source == "synthetic":
         return (f"synthetic generator: {d.train_pairs} pairs of {d.size}² px, seeds {d.first_seed}.."
                 f"{d.first_seed + d.train_pairs - 1}")
+    if d.source == "real-change":
+        images = ", ".join(Path(item["image"]).name for item in d.labelled or [])
+        gen = f" + {d.generated_pairs} generated scenes (captions only)" if d.generated_pairs else ""
+        return (f"change synthesised on real imagery: {d.train_pairs} pairs of {d.size}² px, objects cut along "
+                f"footprints from {images}, pasted into {len(d.backgrounds or []) + len(d.labelled or [])} real "
+                f"background sources{gen}")
     name = {"levircc": "LEVIR-CC", "levirmci": "LEVIR-MCI", "levircd": "LEVIR-CD"}[d.source]
     extra = ""
     if d.source == "levircc" and d.pseudo_labels:
@@ -66,6 +93,8 @@ def describe_data(d: DataConfig, train_len: int, val_len: int) -> str:
 
 def describe_split(d: DataConfig, val_len: int) -> str:
     """The validation split a model card's metrics were measured on."""
+    if d.source == "real-change":
+        return f"held-out change synthesised on real imagery (seeds from {d.first_seed + VALIDATION_SEED_OFFSET}, n={d.val_pairs})"
     if d.source == "synthetic":
         return f"held-out synthetic pairs (seeds from {d.first_seed + VALIDATION_SEED_OFFSET}, n={d.val_pairs})"
     return f"{d.source} {d.val_split} split ({val_len} pairs)"

@@ -13,12 +13,16 @@ from tqdm import tqdm
 
 from changescribe.core.synthetic import make_pair
 
+from .common import IGNORE
+
 
 class SyntheticChangeDataset(Dataset):
     """``count`` pairs of ``size``² pixels from seeds ``first_seed`` onwards."""
 
     def __init__(self, count: int, size: int = 256, first_seed: int = 0, p_no_change: float = 0.3,
-                 change_level: float = 0.6, nuisance: float = 0.5, progress: bool = True):
+                 change_level: float = 0.6, nuisance: float = 0.5, progress: bool = True,
+                 ignore_masks: bool = False):
+        """``ignore_masks``: the masks are unlabelled (IGNORE), for pairs that train captions only."""
         self.before = torch.empty((count, 3, size, size), dtype=torch.uint8)
         self.after = torch.empty_like(self.before)
         self.mask = torch.empty((count, size, size), dtype=torch.uint8)
@@ -29,7 +33,7 @@ class SyntheticChangeDataset(Dataset):
                              p_no_change=p_no_change)
             self.before[i] = torch.from_numpy(np.ascontiguousarray(pair.before[:3]))
             self.after[i] = torch.from_numpy(np.ascontiguousarray(pair.after[:3]))
-            self.mask[i] = torch.from_numpy(pair.change_mask)
+            self.mask[i] = IGNORE if ignore_masks else torch.from_numpy(pair.change_mask)
             self.captions.append(pair.captions)
 
     def __len__(self) -> int:

@@ -25,6 +25,7 @@ import torch
 
 from changescribe.core.model_api import InputSpec, normalise
 from changescribe.core.models.adapter import TorchChangeModel
+from changescribe.core.models.backbones import input_normalisation
 from changescribe.core.models.registry import build_model, get_entry
 
 from ..caption_vocabulary import build_vocabulary, training_captions
@@ -61,9 +62,12 @@ def _train(cfg: TrainConfig, out_dir: str | Path, rt: Runtime, resume: bool) -> 
     train_set = build_dataset(d, d.train_split, train=True, progress=rt.main)
     val_set = build_dataset(d, d.val_split, progress=rt.main)
     vocab = build_vocabulary(cfg, training_captions(train_set))
-    spec = InputSpec(bands=3, tile_size=cfg.tile_size, gsd=cfg.gsd)
     arch_cfg = dataclasses.replace(get_entry(cfg.architecture).config, **cfg.config_overrides)
-    module, arch_cfg = build_model(cfg.architecture, arch_cfg, input_spec=spec, vocabulary=vocab)
+    mean, std = input_normalisation(arch_cfg.backbone)  # what the pretrained backbone expects
+    spec = InputSpec(bands=3, mean=mean, std=std, tile_size=cfg.tile_size, gsd=cfg.gsd)
+    # backbone_init: "imagenet" (EfficientNet-Lite0: the installed package's weights) or a local weights file
+    module, arch_cfg = build_model(cfg.architecture, arch_cfg, input_spec=spec, vocabulary=vocab,
+                                   backbone_weights=cfg.backbone_init)
 
     def loss(model, batch: dict, device: torch.device):
         before = normalise(batch["before"].to(device).float(), spec)
@@ -71,7 +75,7 @@ def _train(cfg: TrainConfig, out_dir: str | Path, rt: Runtime, resume: bool) -> 
         # One of the five references per pair and step (python's random, reseeded per epoch by the engine).
         tokens = vocab.encode([random.choice(caps) if caps else "" for caps in batch["captions"]]).to(device)
         cd_logits, cap_logits = model(before, after, tokens[:, :-1])
-        return pix4cap_loss(cd_logits.float(), batch["mask"].to(device), cap_logits.float(), tokens[:, 1:])
+        return pix4cap_loss(cd_logits.float(), batch["mask"].to(device), cap_logits.float(), tokens[:, 1:], cfg.loss)
 
     def wrap(module) -> TorchChangeModel:
         return TorchChangeModel(module, spec, vocab, name=cfg.model_name, version=cfg.model_version,
