@@ -22,9 +22,14 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "build" / "bench"
 
 
+PAIR: tuple[str, str] | None = None  # --pair: a real before/after pair instead of the synthetic ones
+
+
 def ensure_pair(size: int):
     from changescribe.core.synthetic import write_pair
 
+    if PAIR is not None:
+        return Path(PAIR[0]), Path(PAIR[1])
     folder = CACHE / f"pair_{size}"
     if not (folder / "p_after.tif").exists():
         write_pair(folder, "p", size=size, seed=size, change_level=0.5, progress=True)
@@ -96,7 +101,7 @@ def child(args: argparse.Namespace) -> None:
 
 def run_child(kind: str, size: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--size", str(size), "--device", args.device,
-           "--batch-size", str(args.batch_size), "--tiles", str(args.tiles)]
+           "--batch-size", str(args.batch_size), "--tiles", str(args.tiles)] + (["--pair", *PAIR] if PAIR else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -108,9 +113,18 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--tiles", type=int, default=64, help="tiles for the bare-model measurement")
     ap.add_argument("--captions", action="store_true", help="also time the run with captions")
+    ap.add_argument("--pair", nargs=2, metavar=("BEFORE", "AFTER"),
+                    help="time this real pair (once, its own size) instead of the synthetic sizes")
     ap.add_argument("--child", choices=["bare", "pipeline", "captions"], help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global PAIR
+    PAIR = tuple(args.pair) if args.pair else None
+    if PAIR is not None and not args.child:
+        import rasterio
+
+        with rasterio.open(PAIR[0]) as src:
+            args.sizes = [src.width]
     if args.child:
         child(args)
         return
@@ -131,14 +145,15 @@ def main() -> None:
     print(f"\ndevice {args.device}, batch {args.batch_size}")
     head = ("| pixels | tiles | bare model tiles/s | pipeline tiles/s (inference stage) | ratio | peak RSS pipeline "
             "| run time | regions |")
-    print(head + ("" if not args.captions else " with captions tiles/s | peak RSS captions |"))
+    print(head + ("" if not args.captions else " run time with captions | with / without | peak RSS captions |"))
     print("|" + "---|" * (head.count("|") - 1 + (2 if args.captions else 0)))
     for r in rows:
         line = (f"| {r['size']}² | {r['tiles']} | {r['bare']:.1f} | {r['pipeline']:.1f} ({r['inference']:.1f}) | "
                 f"{r['ratio']:.2f} | "
-                f"{r['rss_pipeline']:.0f} MB | {r['seconds']:.0f} s | {r['regions']} |")
+                f"{r['rss_pipeline']:.0f} MB | {r['seconds']:.1f} s | {r['regions']} |")
         if args.captions:
-            line += f" {r['captions']:.1f} | {r['rss_captions']:.0f} MB |"
+            line += (f" {r['seconds_captions']:.1f} s | {r['seconds_captions'] / r['seconds']:.2f} | "
+                     f"{r['rss_captions']:.0f} MB |")
         print(line)
 
 

@@ -16,6 +16,7 @@ from rasterio.windows import Window
 
 from .device import halving_on_oom
 from .model_api import ChangeModel
+from .grounding import RegionFacts, ground_caption, region_facts
 from .raster_pair import AlignedPair, AlignmentReport
 from .run_control import RunControl
 
@@ -94,33 +95,97 @@ def summarise(count: int, total_area_m2: float, report: AlignmentReport) -> str:
 
 
 class RegionCaptioner:
-    """Captions regions batch by batch as the pipeline finds them, then the scene once they are all known.
+    """Captions a run's regions once they are all found, then the scene.
+
+    Captioning each region from its own crop costs one model pass per region, which made captions dominate a run
+    with hundreds of small regions. Regions are therefore grouped: one that fits in a model footprint (the
+    model's tile at its GSD, :func:`context_pixels`) shares one crop, and so one caption, with the other small
+    regions whose centres fall in the same footprint-sized cell of the grid; a larger region gets its own crop.
+    Crops are then at most about one per model footprint of changed ground, like the tiles of inference. Each
+    region records how many regions its caption's crop covers (``caption_regions``: 1 = its own crop, 0 = no
+    caption). Only the bounds of the regions are kept (32 bytes each), never their geometry.
 
     A scene up to about two model footprints wide is captioned whole; a larger one gets the mask summary plus
-    the caption of its largest region (captioning a whole big scene at model size would see nothing), which is
-    remembered on the way so no region has to be kept.
+    the caption of its largest region.
     """
+
+    MARGIN = 1.25  # a crop is this much wider than what it must show
 
     def __init__(self, pair: AlignedPair, model: ChangeModel, enabled: bool = True, beam_size: int = 1,
                  control: RunControl | None = None):
         self.pair, self.model, self.beam_size = pair, model, beam_size
         self.enabled = bool(enabled and model.can_caption)
-        # Progress belongs to the stage that feeds the batches; captioning here only honours cancellation.
-        self._control = RunControl(is_cancelled=(control or RunControl()).is_cancelled)
+        self._cancel = (control or RunControl()).is_cancelled
         self._ctx = context_pixels(pair, model) if self.enabled else 0
-        self._largest = (-1.0, "")
+        self._ids: list[int] = []
+        self._bounds: list[Bounds] = []
+        self._areas: list[float] = []
+        self._facts: list[RegionFacts] = []  # size, shape, scene position: what a caption must not contradict
+        t, w, h = pair.grid.transform, pair.width, pair.height
+        self._scene = (t.c, t.f + t.e * h, t.c + t.a * w, t.f)
+        self._cells: set[tuple[int, int]] = set()
+        self._large = 0
+        self._largest = ""
 
-    def caption(self, geoms: Iterable, areas: Iterable[float]) -> list[str]:
-        """One caption per region of a batch ("" each when captioning is off)."""
-        geoms, areas = list(geoms), [float(a) for a in areas]
-        if not self.enabled or not geoms:
-            return [""] * len(geoms)
-        windows = [area_window(self.pair, g.bounds, self._ctx) for g in geoms]
-        out = caption_windows(self.pair, self.model, windows, self.beam_size, self._control)
-        i = int(np.argmax(areas))
-        if areas[i] > self._largest[0]:
-            self._largest = (areas[i], out[i])
+    def add(self, region_ids: Iterable[int], geoms: Iterable, areas: Iterable[float]) -> None:
+        """Remember a batch of finished regions (their ids, bounds and areas) for :meth:`caption_all`."""
+        if not self.enabled:
+            return
+        for rid, geom, area in zip(region_ids, geoms, areas):
+            self._ids.append(int(rid))
+            self._bounds.append(tuple(geom.bounds))
+            self._areas.append(float(area))
+            self._facts.append(region_facts(geom, float(area), self._scene))
+            key = self._cell(self._bounds[-1])
+            if key is None:
+                self._large += 1
+            else:
+                self._cells.add(key)
+
+    def crops(self) -> int:
+        """How many crops the regions seen so far need (what the captioning stage will cost)."""
+        return self._large + len(self._cells)
+
+    def caption_all(self, control: RunControl | None = None) -> list[tuple[int, str, int]]:
+        """(region_id, caption, regions sharing that caption's crop) for every region added."""
+        control = control or RunControl()
+        if not self.enabled or not self._ids:
+            return []
+        groups: dict[object, list[int]] = {}
+        for i, b in enumerate(self._bounds):
+            key = self._cell(b)
+            groups.setdefault(("own", i) if key is None else key, []).append(i)
+        members = list(groups.values())
+        windows = []
+        for idx in members:
+            bs = [self._bounds[i] for i in idx]
+            union = (min(b[0] for b in bs), min(b[1] for b in bs), max(b[2] for b in bs), max(b[3] for b in bs))
+            windows.append(area_window(self.pair, union, self._ctx, self.MARGIN))
+        n_regions = len(self._ids)
+        covered = np.cumsum([len(idx) for idx in members])
+
+        def report(fraction: float, _message: str) -> None:
+            done = int(covered[min(len(covered) - 1, max(0, int(round(fraction * len(members))) - 1))])
+            control.progress(fraction, f"captions: {done}/{n_regions} regions")
+
+        caps = caption_windows(self.pair, self.model, windows, self.beam_size,
+                               RunControl(on_progress=report, is_cancelled=self._cancel))
+        out = []
+        for idx, caption in zip(members, caps):
+            # the decoder saw a crop: its sentence is checked against each region's own facts (core.grounding)
+            out += [(self._ids[i], ground_caption(caption, self._facts[i])[0], len(idx)) for i in idx]
+        largest = int(np.argmax(self._areas))
+        self._largest = next(c for rid, c, _ in out if rid == self._ids[largest])
         return out
+
+    def _cell(self, bounds: Bounds) -> tuple[int, int] | None:
+        """The footprint-sized grid cell of a small region's centre; None for a region wider than a crop."""
+        inv = ~self.pair.grid.transform
+        c0, r0 = inv * (bounds[0], bounds[3])
+        c1, r1 = inv * (bounds[2], bounds[1])
+        if self.MARGIN * max(c1 - c0, r1 - r0) > self._ctx:
+            return None
+        return int((r0 + r1) / 2 // self._ctx), int((c0 + c1) / 2 // self._ctx)
 
     def scene(self, count: int, total_area_m2: float) -> tuple[str, str]:
         """(scene caption, summary) once every region has been seen; the summary stands in without a captioner."""
@@ -129,7 +194,8 @@ class RegionCaptioner:
             return summary, summary
         if max(self.pair.width, self.pair.height) <= 2 * self._ctx or count == 0:
             whole = Window(0, 0, self.pair.width, self.pair.height)
-            caption = caption_windows(self.pair, self.model, [whole], self.beam_size, self._control)[0]
+            control = RunControl(is_cancelled=self._cancel)
+            caption = caption_windows(self.pair, self.model, [whole], self.beam_size, control)[0]
         else:
-            caption = f"{summary}; largest: {self._largest[1]}"
+            caption = f"{summary}; largest: {self._largest}"
         return caption or summary, summary

@@ -28,10 +28,11 @@ from shapely.geometry import mapping
 REGIONS_LAYER = "change_regions"
 RUNS_TABLE = "changescribe_runs"
 
-# The regions layer's fields, in order: what each region gets from the polygon stage, its caption, and the
-# run it came from (the same for every region of a run).
+# The regions layer's fields, in order: what each region gets from the polygon stage, its caption (and how many
+# regions share the crop it was made from: 1 = the region's own, 0 = no caption), and the run it came from (the
+# same for every region of a run).
 REGION_FIELDS = {"region_id": "int", "area_m2": "float", "mean_prob": "float", "max_prob": "float",
-                 "caption": "str", "before": "str", "after": "str", "model_name": "str", "model_version": "str",
+                 "caption": "str", "caption_regions": "int", "before": "str", "after": "str", "model_name": "str", "model_version": "str",
                  "threshold": "float", "created": "str"}
 
 
@@ -117,6 +118,31 @@ class RegionWriter:
 def _plain(row: dict) -> dict:
     """numpy scalars to Python ones, which is what OGR field setters take."""
     return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
+
+
+def write_captions(gpkg: str | Path, captions: list[tuple[int, str, int]]) -> None:
+    """Set (region_id, caption, regions sharing its crop) on the regions already written, in one transaction; the
+    others say they have no caption (``caption_regions`` 0). Through GDAL: the layer's R-tree triggers need its
+    SQL functions."""
+    from osgeo import ogr
+
+    by_id = {rid: (caption, n) for rid, caption, n in captions}
+    ds = ogr.Open(str(gpkg), 1)
+    if ds is None:
+        raise OSError(f"GDAL cannot open {gpkg} for update")
+    try:
+        layer = ds.GetLayerByName(REGIONS_LAYER)
+        ds.StartTransaction()
+        for feature in layer:
+            caption, n = by_id.get(feature.GetField("region_id"), ("", 0))
+            feature.SetField("caption", caption)
+            feature.SetField("caption_regions", n)
+            if layer.SetFeature(feature) != 0:
+                ds.RollbackTransaction()
+                raise OSError(f"GDAL cannot write the captions into {gpkg}")
+        ds.CommitTransaction()
+    finally:
+        ds = None  # noqa: F841 (closes the file)
 
 
 def write_run(gpkg: str | Path, run: dict) -> None:

@@ -23,23 +23,30 @@ import torch
 
 from .api import Area, DetectRequest, DetectResult, check_tiling
 from .atomic import atomic_path, remove_stale_temporaries, temp_prefix
-from .captioning import RegionCaptioner
+from .captioning import RegionCaptioner, context_pixels
 from .device import describe_device, resolve_device
 from .errors import OutOfDeviceMemory, StaleProbabilityError
-from .geopackage import RegionLayer, RegionWriter, write_run
+from .geopackage import RegionLayer, RegionWriter, write_captions, write_run
 from .inference import InferenceStats, predict_probability
 from .model_api import ChangeModel
 from .model_loading import load_model
 from .models.pairing import with_detector
 from .outputs import check_free_space, check_outputs, writing
 from .raster_pair import AlignedPair, AlignmentReport, AreaOfInterest, validate_pair
-from .regions import iter_regions
+from .progress import RunProgress
+from .regions import iter_regions, strip_rows
 from .run_control import RunControl
 from .version import VERSION
 
 log = logging.getLogger(__name__)
 
 GDAL_CACHE_BYTES = 64 * 2**20
+# Cost guesses for the time left before a stage has been measured on this machine (:mod:`.progress`): seconds per
+# tile before the first tile, per megapixel of polygon strips, and a caption crop's cost in tiles (both encode a
+# pair of model-sized crops; the caption then decodes a sentence).
+TILE_SECONDS_GUESS = 0.05
+STRIP_SECONDS_PER_MPX = 0.3
+CAPTION_TILES = 1.0
 
 
 @dataclass
@@ -149,6 +156,7 @@ def _detect(r: DetectRequest, control: RunControl, dev: torch.device, model: Cha
                         area_of_interest=area_of_interest, fill_nodata=r.fill_nodata) as pair:
         for line in pair.report.lines():
             control.log(line)
+        progress = _plan_progress(control, pair, model, r, tile_size)
         with writing("the temporary files", tempfile.gettempdir()), \
                 tempfile.TemporaryDirectory(prefix=temp_prefix()) as tmp:
             if r.reuse_probability is not None:
@@ -161,7 +169,8 @@ def _detect(r: DetectRequest, control: RunControl, dev: torch.device, model: Cha
                 check_free_space(tmp, pair.width * pair.height * 4, "the temporary probability raster")
                 with writing("the temporary probability raster", tmp):
                     stats = predict_probability(pair, model, prob_path, tile_size=tile_size, overlap=r.overlap,
-                                                batch_size=r.batch_size, control=control.stage(0.0, 0.75))
+                                                batch_size=r.batch_size, control=progress.control("tiles"))
+                    progress.finish("tiles")
             created = datetime.now(timezone.utc).isoformat(timespec="seconds")
             # Without an output the regions still stream to disk: a scratch GeoPackage that lives with the result.
             scratch = Path(tempfile.mkdtemp(prefix=temp_prefix("regions"))) if r.output is None else None
@@ -171,11 +180,22 @@ def _detect(r: DetectRequest, control: RunControl, dev: torch.device, model: Cha
                 with writing("the GeoPackage", target), atomic_path(target, ".tmp.gpkg") as gpkg:
                     captioner = RegionCaptioner(pair, model, r.captions, beam_size, control)
                     per_region = _per_region(r.before, r.after, model.describe(), r.threshold, created)
+                    tiles_seconds = progress.rate("tiles")  # the whole pass: its one unit
+                    per_tile = tiles_seconds / stats.tiles if tiles_seconds and stats.tiles else TILE_SECONDS_GUESS
+                    crop_seconds = CAPTION_TILES * per_tile
                     with RegionWriter(gpkg, pair.grid.crs.to_wkt(), per_region) as writer:
                         for batch in iter_regions(prob_path, threshold=r.threshold, min_area_m2=r.min_area,
-                                                  control=control.stage(0.75, 0.98)):
-                            batch["caption"] = captioner.caption(batch.geometry, batch["area_m2"])
+                                                  control=progress.control("strips")):
+                            captioner.add(batch["region_id"], batch.geometry, batch["area_m2"])
                             writer.append(batch)
+                            if captioner.enabled:  # the crops found so far, extrapolated over the strips left
+                                strips = progress.stages["strips"]
+                                seen = max(strips.done / max(strips.units, 1), 0.05)
+                                progress.plan("captions", captioner.crops() / seen, crop_seconds)
+                    if captioner.enabled:
+                        progress.plan("captions", captioner.crops(), crop_seconds)
+                        progress.begin("captions")
+                    write_captions(gpkg, captioner.caption_all(progress.control("captions")))
                     scene_caption, summary = captioner.scene(writer.count, writer.total_area_m2)
                     meta = _run_metadata(r.before, r.after, model, dev, pair.report, stats, r.threshold,
                                          r.min_area, tile_size, r.overlap, scene_caption, summary, started,
@@ -201,6 +221,28 @@ def _detect(r: DetectRequest, control: RunControl, dev: torch.device, model: Cha
     return ChangeResult(output=out, regions=regions, scene_caption=scene_caption, summary=summary,
                         alignment=pair.report, probability=prob_out, stats=stats, metadata=meta,
                         device=describe_device(dev), reused_probability=r.reuse_probability is not None)
+
+
+def _tiles(pair: AlignedPair, tile: int, overlap: int) -> int:
+    """About how many tiles inference runs (for the first estimate of the time left)."""
+    step = max(1, tile - overlap)
+    return math.ceil(pair.width / step) * math.ceil(pair.height / step)
+
+
+def _plan_progress(control: RunControl, pair: AlignedPair, model: ChangeModel, r: DetectRequest,
+                   tile_size: int) -> RunProgress:
+    """The run's stages and first cost guesses: tiles (one unit: the whole pass), strips, caption crops."""
+    progress = RunProgress(control)
+    tiles = _tiles(pair, tile_size, r.effective_overlap(tile_size))
+    if r.reuse_probability is None:
+        progress.plan("tiles", 1, tiles * TILE_SECONDS_GUESS)
+    rows = strip_rows(pair.width)
+    progress.plan("strips", math.ceil(pair.height / rows), STRIP_SECONDS_PER_MPX * rows * pair.width / 1e6)
+    if r.captions and model.can_caption:
+        ctx = context_pixels(pair, model)
+        cells = math.ceil(pair.width / ctx) * math.ceil(pair.height / ctx)
+        progress.plan("captions", 0.3 * cells, CAPTION_TILES * TILE_SECONDS_GUESS)
+    return progress
 
 
 def _run_metadata(before, after, model: ChangeModel, dev: torch.device, report: AlignmentReport,

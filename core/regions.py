@@ -78,6 +78,7 @@ def iter_polygons(prob_path: str | Path, threshold: float = 0.5, cleanup: int = 
         height, width, transform = src.height, src.width, src.transform
         strip = strip or strip_rows(width)
         halo = HALO * max(cleanup, 1)
+        n_strips = -(-height // strip)
         held: list[_Open] = []  # groups with a piece on the seam above the current strip
         for top in range(0, height, strip):
             control.check()
@@ -106,7 +107,7 @@ def iter_polygons(prob_path: str | Path, threshold: float = 0.5, cleanup: int = 
                     done += _merge(group.pieces)
             counters.polygons += len(done)
             yield done
-            control.progress(bottom / height, "finding change regions")
+            control.progress(bottom / height, f"regions: strip {counters.strips}/{n_strips}")
 
 
 @dataclass

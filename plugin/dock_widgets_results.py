@@ -65,6 +65,15 @@ def add_result_layers(result: dict[str, Any], name: str) -> tuple[QgsVectorLayer
     return layer, raster
 
 
+def caption_share(feature) -> int:
+    """How many regions share this region's caption (1: its own crop; 0: no caption). Layers written before the
+    ``caption_regions`` field existed count a non-empty caption as the region's own."""
+    names = feature.fields().names()
+    if "caption_regions" in names and feature["caption_regions"] is not None:
+        return int(feature["caption_regions"])
+    return 1 if feature["caption"] else 0
+
+
 def format_area(m2: float) -> str:
     return f"{m2:,.0f} m²" if m2 < 10_000 else f"{m2 / 10_000:,.2f} ha"
 
@@ -124,7 +133,9 @@ class RegionsTable(QTableWidget):
         rows = sorted(layer.getFeatures(), key=lambda f: -float(f["area_m2"] or 0))
         self.setRowCount(len(rows))
         for r, f in enumerate(rows):
-            values = (int(f["region_id"]), float(f["area_m2"] or 0), float(f["mean_prob"] or 0), f["caption"] or "")
+            shared = caption_share(f)
+            values = (int(f["region_id"]), float(f["area_m2"] or 0), float(f["mean_prob"] or 0),
+                      (f["caption"] or "") if shared else "— (no caption)")
             for c, value in enumerate(values):
                 item = QTableWidgetItem()
                 if c == 1:
@@ -136,7 +147,9 @@ class RegionsTable(QTableWidget):
                     item.setData(Qt.ItemDataRole.DisplayRole, value)
                 item.setData(FID_ROLE, f.id())
                 if c == 3:
-                    item.setToolTip(str(value))
+                    item.setToolTip(str(value) if shared <= 1 else
+                                    f"{value}\n(describes the area around this region and {shared - 1} nearby "
+                                    "small region(s): they share one caption)")
                 self.setItem(r, c, item)
         self.resizeRowsToContents()
         layer.selectionChanged.connect(self._layer_to_table)
