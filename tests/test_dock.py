@@ -20,6 +20,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 VENV_SITE = sysconfig.get_paths()["purelib"]  # the venv running pytest: torch lives here
 SCREEN = "-screen 0 1600x1000x24"
+JOPLIN = REPO.parent / "shared" / "data" / "joplin_geo" / "coregistered"
 
 pytestmark = pytest.mark.skipif(shutil.which("qgis") is None or shutil.which("xvfb-run") is None,
                                 reason="needs the QGIS desktop and xvfb-run (make setup installs both)")
@@ -103,13 +104,10 @@ def test_dock_runs_reruns_from_cache_and_cancels(tmp_path):
     assert "Cancelled" in r["cancel_status"]
     assert r["cancel_new_layers"] == [] and r["cancel_new_files"] == [] and r["cancel_new_temp"] == []
     assert r["run_enabled_after_cancel"]
-    if os.environ.get("CHANGESCRIBE_UPDATE_SCREENSHOTS"):
-        for name in ("dock.png", "map.png"):
-            shutil.copyfile(tmp_path / "work" / "shots" / name, REPO / "docs" / name)
 
 
 def test_dock_without_torch_offers_the_worker_and_runs_through_it(tmp_path):
-    from changescribe.core.synthetic import write_pair
+    from changescribe.training.synthetic import write_pair
 
     pair = write_pair(tmp_path / "pair", name="site_2019", size=192, seed=5)
     later = pair.after.with_name("site_2021_after.tif")
@@ -194,7 +192,11 @@ def test_results_never_go_into_the_plugin_folder(tmp_path):
 
 def test_dock_reads_at_its_default_width(tmp_path):
     """Issue 14: nothing is cut off at the width QGIS gives a new dock, with Annotate folded or open."""
-    r = run_qgis(tmp_path, "dock_layout.py", with_torch=True)
+    # a real pair when this machine has one (../shared/data), else the sample pair
+    real = [JOPLIN / "chip0_pre.tif", JOPLIN / "chip0_post.tif"]
+    extra = ({"CHANGESCRIBE_TEST_BEFORE": str(real[0]), "CHANGESCRIBE_TEST_AFTER": str(real[1])}
+             if all(p.exists() for p in real) else {})
+    r = run_qgis(tmp_path, "dock_layout.py", with_torch=True, extra_env=extra)
     assert r["run"]["finished"] and not r["run"]["error"], r["run"]
     # issue 14.4: the alignment line says that border fill is no data, and follows the switch
     assert "declare no NoData: black/white border fill is no data" in r["alignment"], r["alignment"]
@@ -204,7 +206,10 @@ def test_dock_reads_at_its_default_width(tmp_path):
     for state in ("folded", "open"):
         facts = r[state]
         assert facts["cut"] == [] and facts["hscroll"] == 0 and facts["inner"] <= facts["viewport"], (state, facts)
-    assert {"dock_folded.png", "dock_open.png"} <= set(r["screenshots"])
+    assert {"dock_folded.png", "dock_open.png", "dock.png", "map.png"} <= set(r["screenshots"])
+    if os.environ.get("CHANGESCRIBE_UPDATE_SCREENSHOTS"):
+        for name in ("dock.png", "map.png"):
+            shutil.copyfile(tmp_path / "work" / "shots" / name, REPO / "docs" / name)
     # issue 14.8/14.9: the Raster-menu dialog starts from the dock's pair, never one layer twice, and has Help
     before_id, after_id = r["pair_ids"]
     assert r["dialog_parameters"]["BEFORE"] == before_id and r["dialog_parameters"]["AFTER"] == after_id

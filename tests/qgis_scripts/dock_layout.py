@@ -54,18 +54,39 @@ def cut_off(dock) -> dict:
             "cut": bad, "widest": needs}
 
 
+def save_docs_screenshots(dock, after) -> None:
+    """docs/dock.png (the dock's whole content at its default width) and docs/map.png (the regions over the after
+    image), as the README shows them."""
+    canvas = iface.mapCanvas()
+    canvas.setDestinationCrs(after.crs())
+    rect = after.extent()
+    rect.grow(max(rect.width(), rect.height()) * 0.02)
+    canvas.setExtent(rect)
+    canvas.refresh()
+    pump(0.5)
+    canvas.waitWhileRendering()
+    pump(0.3)
+    canvas.saveAsImage(str(SHOTS / "map.png"))
+    dock.widget().widget().grab().save(str(SHOTS / "dock.png"))
+    iface.mainWindow().grab().save(str(SHOTS / "qgis_window.png"))
+
+
 def body(report):
     settings = QgsSettings()
     settings.setValue("changescribe/output_folder", str(OUT))
     plugin, dock = open_dock()
     pump(0.5)
     report["dock_width"] = dock.width()
-    sample = WORK / "sample"
-    sample.mkdir()
-    for name in ("sample_before.tif", "sample_after.tif"):
-        shutil.copyfile(REPO / "resources" / "sample" / name, sample / name)
-    before = add_raster(sample / "sample_before.tif", "sample_before")
-    after = add_raster(sample / "sample_after.tif", "sample_after")
+    # copies: QGIS writes statistics (.aux.xml) next to rasters it shows, and no source folder may change
+    given = [os.environ.get("CHANGESCRIBE_TEST_BEFORE"), os.environ.get("CHANGESCRIBE_TEST_AFTER")]
+    sources = given if all(given) else [REPO / "resources" / "sample" / f"sample_{r}.tif" for r in ("before", "after")]
+    pair = WORK / "pair"
+    pair.mkdir()
+    copies = [pair / os.path.basename(str(p)) for p in sources]
+    for src, dst in zip(sources, copies):
+        shutil.copyfile(src, dst)
+    before = add_raster(copies[0], copies[0].stem)
+    after = add_raster(copies[1], copies[1].stem)
     wait_until(lambda: "on: " in dock.device_label.text() and "checking" not in dock.device_label.text(), 120)
     report["alignment"] = dock.pair.alignment_label.text()
     dock.model_panel.fill_check.setChecked(False)
@@ -77,6 +98,7 @@ def body(report):
     report["folded"] = cut_off(dock)
     SHOTS.mkdir(parents=True, exist_ok=True)
     dock.grab().save(str(SHOTS / "dock_folded.png"))
+    save_docs_screenshots(dock, after)
     dock.annotate_box.setCollapsed(False)
     dock.model_panel.card_box.setCollapsed(False)
     dock.model_panel.advanced.setCollapsed(False)
