@@ -24,7 +24,7 @@ import rasterio
 from rasterio.transform import from_origin
 
 from changescribe.core.cli import main
-from changescribe.core.synthetic import write_pair
+from changescribe.training.synthetic import write_pair
 from conftest import write_geotiff
 
 REPO = Path(__file__).resolve().parent.parent
@@ -513,7 +513,7 @@ def test_there_is_exactly_one_torch_load_and_it_is_weights_only():
                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
                         and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
                     calls.append((path.relative_to(REPO).as_posix(), node))
-    assert [p for p, _ in calls] == ["core/model_file.py"]
+    assert [p for p, _ in calls] == ["core/checkpoints.py"]
     kwargs = {k.arg: k.value for k in calls[0][1].keywords}
     assert isinstance(kwargs["weights_only"], ast.Constant) and kwargs["weights_only"].value is True
 
@@ -562,3 +562,242 @@ def test_a_pickled_llm_named_in_a_config_is_refused_through_the_same_loader(tmp_
     with pytest.raises(ModelError, match="refused - this checkpoint holds pickled Python objects"):
         build_model("semantic-cc-small", config)
     assert not Path("/tmp/changescribe-pwned").exists()
+
+
+# ---- 9, 10. signals mid-run, a killed worker, stale temporaries ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def big_pair(tmp_path_factory):
+    """Large enough that inference and the (captioned) region stage each last seconds on a CPU."""
+    return write_pair(tmp_path_factory.mktemp("big"), name="big", size=1024, seed=9, change_level=0.8)
+
+
+class StderrWatch:
+    """Collects a process's stderr in a thread; ``wait_for`` blocks until a text shows up (the progress bar)."""
+
+    def __init__(self, proc: subprocess.Popen):
+        import threading
+
+        self.text = ""
+        self.proc = proc
+        self.thread = threading.Thread(target=self._pump, daemon=True)
+        self.thread.start()
+
+    def _pump(self) -> None:
+        while True:
+            chunk = self.proc.stderr.read(1)
+            if not chunk:
+                return
+            self.text += chunk
+
+    def wait_for(self, needle: str, timeout: float = 900) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            if needle in self.text:
+                return True
+            time.sleep(0.05)
+        return needle in self.text
+
+    def finish(self, timeout: float = 600) -> str:
+        """Wait for the exit (on a loaded machine a niced interpreter's own shutdown can take a minute)."""
+        self.proc.wait(timeout=timeout)
+        self.thread.join(timeout=10)
+        return self.text
+
+
+def ours(folder: Path) -> list[str]:
+    """ChangeScribe's own temporaries in a folder (files beside outputs, run folders in TMPDIR)."""
+    return sorted(p.name for p in Path(folder).iterdir() if "changescribe" in p.name)
+
+
+@pytest.mark.parametrize("sig, code, stage", [
+    (signal.SIGTERM, 143, "tile "), (signal.SIGTERM, 143, "regions: "),
+    (signal.SIGINT, 130, "tile "), (signal.SIGINT, 130, "regions: ")],
+    ids=["sigterm-inference", "sigterm-regions", "sigint-inference", "sigint-regions"])
+def test_a_signal_mid_run_is_a_clean_stop(tmp_path, big_pair, sig, code, stage):
+    out_dir, tmp = tmp_path / "out", tmp_path / "tmp"
+    out_dir.mkdir()
+    tmp.mkdir()
+    args = ["detect", big_pair.before, big_pair.after, "-o", out_dir / "r.gpkg", "--device", "cpu",
+            "--probability", out_dir / "p.tif", "--batch-size", "2"]
+    proc = cli_process(*args, env={"TMPDIR": str(tmp)})
+    watch = StderrWatch(proc)
+    try:
+        reached = watch.wait_for(stage)
+        assert reached, watch.text[-2000:]
+        proc.send_signal(sig)
+        err = watch.finish()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == code, err[-2000:]
+    last = err.strip().replace("\r", "\n").splitlines()[-1]
+    name = "terminated (SIGTERM)" if sig == signal.SIGTERM else "interrupted"
+    assert last == f"changescribe: {name}; nothing was written" and "Traceback" not in err
+    assert listing(out_dir) == [] and ours(tmp) == []
+
+
+def child_pids(parent: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_dock_worker_killed_during_region_finding_leaves_nothing(tmp_path, big_pair):
+    from changescribe.core.api import DetectRequest
+    from changescribe.plugin.worker_client import WorkerError, run_worker
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "changescribe").symlink_to(REPO, target_is_directory=True)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    request = DetectRequest(before=str(big_pair.before), after=str(big_pair.after), output=str(out_dir / "r.gpkg"),
+                            probability_output=str(out_dir / "p.tif"), device="cpu", batch_size=2)
+    killed = []
+
+    def on_event(event: dict) -> None:
+        if not killed and "regions" in str(event.get("message", "")):
+            seen = set(os.listdir(out_dir))
+            for pid in child_pids(os.getpid()):
+                os.kill(pid, signal.SIGKILL)
+                killed.append((pid, seen))
+
+    with pytest.raises(WorkerError, match="stopped"):
+        run_worker(PY, request, on_event, lambda: False, plugin_parent=str(plugins))
+    assert killed, "the worker never reached region finding"
+    assert any("changescribe" in name for name in killed[0][1]), "no temporary existed when the worker was killed"
+    assert listing(out_dir) == []
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([PY, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def plant_leftovers(folder: Path) -> tuple[list[Path], list[Path]]:
+    """Temporaries of a dead run (to go) beside files that must stay: a live process's, a user's look-alikes."""
+    dead = dead_pid()
+    stale = [folder / f".changes.changescribe-{dead}-k2j4h6g8.tmp.gpkg",
+             folder / f".changes.changescribe-{dead}-k2j4h6g8.tmp.gpkg-wal",
+             folder / f".p.changescribe-{dead}-x9y8z7w6.tmp.tif"]
+    keep = [folder / ".changes.changescribe-1-a1b2c3d4.tmp.gpkg",  # pid 1 runs: not stale
+            folder / "changes.changescribe-backup.gpkg", folder / ".my.changescribe-notes.txt",
+            folder / f"changescribe-{dead}-keep.txt"]  # not a folder: only run folders match that form
+    for p in stale + keep:
+        p.write_bytes(b"x")
+    return stale, keep
+
+
+def test_a_later_run_removes_stale_temporaries_and_nothing_else(tmp_path, inputs, capsys):
+    before, after, _ = inputs
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    stale, keep = plant_leftovers(out_dir)
+    code, err = cli(capsys, *detect_args(before, after, out_dir / "changes.gpkg"))
+    assert code == 0, err
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in keep)
+
+
+def test_changescribe_clean_removes_stale_temporaries_and_nothing_else(tmp_path):
+    stale, keep = plant_leftovers(tmp_path)
+    stale_dir = tmp_path / f"changescribe-{dead_pid()}-abcd1234"
+    stale_dir.mkdir()
+    (stale_dir / "change_probability.tif").write_bytes(b"x")
+    proc = run_cli_process("clean", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "4 temporary file(s) of crashed runs removed" in proc.stdout
+    assert not any(p.exists() for p in stale) and not stale_dir.exists() and all(p.exists() for p in keep)
+
+
+def test_a_cli_killed_with_sigkill_is_cleaned_up_by_changescribe_clean(tmp_path, big_pair):
+    out_dir, tmp = tmp_path / "out", tmp_path / "tmp"
+    out_dir.mkdir()
+    tmp.mkdir()
+    proc = cli_process("detect", big_pair.before, big_pair.after, "-o", out_dir / "r.gpkg", "--device", "cpu",
+                       "--batch-size", "2", env={"TMPDIR": str(tmp)})
+    watch = StderrWatch(proc)
+    try:
+        assert watch.wait_for("regions: "), watch.text[-2000:]
+    finally:
+        proc.kill()
+        watch.finish()
+    assert ours(out_dir) and ours(tmp)  # SIGKILL cannot clean up: the leftovers are there
+    done = run_cli_process("clean", out_dir, env={"TMPDIR": str(tmp)})
+    assert done.returncode == 0, done.stderr
+    assert listing(out_dir) == [] and ours(tmp) == []
+
+
+# ---- qgis_process and Processing: the same one-line errors, never a raw Traceback -------------------------------------
+
+def qgis_process(*params: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(REPO / "scripts" / "qgis_process.sh"), "run", "changescribe:detectchanges", "--",
+                           *params], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "QT_QPA_PLATFORM": "offscreen"})
+
+
+@pytest.mark.parametrize("fault", ["read_only", "disk_full"])
+def test_qgis_process_output_faults_are_one_error_line(tmp_path, inputs, tmpfs, fault):
+    before, after, sums = inputs
+    if fault == "read_only":
+        folder, needle = tmpfs("ro", read_only=True), "Read-only file system"
+    else:
+        folder, needle = tmpfs("disk", "2m"), "disk is full"
+        fill(folder, 8 * 1024)
+    proc = qgis_process(f"BEFORE={before}", f"AFTER={after}", f"OUTPUT={folder / 'r.gpkg'}", "CAPTIONS=false",
+                        "DEVICE=cpu")
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in text, text[-3000:]
+    errors = [line for line in text.splitlines() if line.startswith("ERROR:")]
+    assert errors and needle in errors[0], text[-3000:]
+    assert [n for n in listing(folder) if n != "filler.bin"] == []
+    assert_intact(sums)
+
+
+def test_processing_report_onto_someone_elses_html_is_refused(qgis_app, tmp_path, inputs):
+    import processing
+    from qgis.core import QgsProcessingException
+
+    before, after, sums = inputs
+    theirs = tmp_path / "notes.html"
+    theirs.write_text("<html><body>my notes</body></html>")
+    with pytest.raises(QgsProcessingException, match="not written by ChangeScribe"):
+        processing.run("changescribe:detectchanges", {"BEFORE": str(before), "AFTER": str(after),
+                                                      "OUTPUT": str(tmp_path / "r.gpkg"), "REPORT": str(theirs),
+                                                      "CAPTIONS": False, "DEVICE": "cpu"})
+    assert theirs.read_text() == "<html><body>my notes</body></html>"
+    assert not (tmp_path / "r.gpkg").exists()
+    assert_intact(sums)
+
+
+def test_cached_run_never_copies_its_probability_map_onto_an_input(tmp_path, inputs, capsys):
+    """With --cache the map is written into the cache and copied out afterwards: that copy is checked as well."""
+    before, after, sums = inputs
+    code, err = cli(capsys, *detect_args(before, after, tmp_path / "o.gpkg", "--cache", tmp_path / "cache",
+                                         "--probability", after))
+    assert code == 2 and "would overwrite the input" in one_error_line(err)
+    assert_intact(sums)
+    assert not (tmp_path / "o.gpkg").exists()
+
+
+def test_worker_job_onto_its_own_input_is_one_error_event(tmp_path, inputs):
+    import json
+
+    before, after, sums = inputs
+    job = {"before": str(before), "after": str(after), "output": str(tmp_path / "o.gpkg"),
+           "probability_output": str(before), "device": "cpu"}
+    proc = subprocess.run([PY, "-m", "changescribe.core.worker", "--ignore-stdin-eof"], input=json.dumps(job) + "\n",
+                          capture_output=True, text=True, timeout=300)
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert proc.returncode == 2 and events[-1]["event"] == "error" and "would overwrite the input" in \
+        events[-1]["message"], proc.stdout + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert_intact(sums)
