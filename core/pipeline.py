@@ -168,6 +168,7 @@ def _detect(r: DetectRequest, control: RunControl, dev: torch.device, model: Cha
                 # float32 uncompressed is the most the probability raster can take
                 check_free_space(tmp, pair.width * pair.height * 4, "the temporary probability raster")
                 with writing("the temporary probability raster", tmp):
+                    progress.begin("tiles")
                     stats = predict_probability(pair, model, prob_path, tile_size=tile_size, overlap=r.overlap,
                                                 batch_size=r.batch_size, control=progress.control("tiles"))
                     progress.finish("tiles")
@@ -184,6 +185,7 @@ def _detect(r: DetectRequest, control: RunControl, dev: torch.device, model: Cha
                     per_tile = tiles_seconds / stats.tiles if tiles_seconds and stats.tiles else TILE_SECONDS_GUESS
                     crop_seconds = CAPTION_TILES * per_tile
                     with RegionWriter(gpkg, pair.grid.crs.to_wkt(), per_region) as writer:
+                        progress.begin("strips")
                         for batch in iter_regions(prob_path, threshold=r.threshold, min_area_m2=r.min_area,
                                                   control=progress.control("strips")):
                             captioner.add(batch["region_id"], batch.geometry, batch["area_m2"])

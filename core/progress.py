@@ -70,20 +70,20 @@ class RunProgress:
 
     def update(self, name: str, fraction: float, message: str = "") -> None:
         now = self.clock()
-        for stage in self.stages.values():  # stages before this one are over
-            if stage.name == name:
-                break
-            if not stage.finished:
-                self.finish(stage.name)
         stage = self.stages[name]
         if stage.started is None:
-            stage.started = now
+            self.begin(name)
         stage.done = min(max(fraction, 0.0), 1.0) * stage.units
         self.report(message)
 
     def begin(self, name: str) -> None:
-        """The stage starts now (its first unit may take a while to report)."""
-        self.update(name, 0.0, "")
+        """The stage starts now (its first unit may take a while to report); the stages before it are over."""
+        for stage in self.stages.values():
+            if stage.name == name:
+                break
+            if not stage.finished:
+                self.finish(stage.name)
+        self.stages[name].started = self.clock()
 
     def finish(self, name: str) -> None:
         """The stage is over: its measured cost becomes its estimate (later stages may derive theirs from it)."""
