@@ -3,7 +3,7 @@
 A model that cannot drive its caption loss to ~0 and reproduce the masks of 8 training pairs has a wiring
 bug (a detached branch, a wrong target shift, a broken head) that no amount of real training would reveal
 quickly. Every registered architecture is trained at a tiny configuration (:data:`TINY`; its own classes,
-only narrower and shallower) on 8 pairs from the foundation generator (:mod:`changescribe.core.synthetic`),
+only narrower and shallower) on 8 pairs from the foundation generator (:mod:`changescribe.training.synthetic`),
 with the recipes' losses (:mod:`changescribe.training.losses`): change-mask cross-entropy for models with a
 change head, caption cross-entropy (teacher forcing) on one fixed reference per pair for captioners.
 

@@ -26,7 +26,7 @@ PAIR: tuple[str, str] | None = None  # --pair: a real before/after pair instead 
 
 
 def ensure_pair(size: int):
-    from changescribe.core.synthetic import write_pair
+    from changescribe.training.synthetic import write_pair
 
     if PAIR is not None:
         return Path(PAIR[0]), Path(PAIR[1])

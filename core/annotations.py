@@ -57,7 +57,12 @@ FIELDS: dict[str, str] = {
     "created": "str",
     "edited_at": "str",
 }
-NO_CHANGE_CAPTION = "there is no difference"
+# Sentences that say nothing changed, in LEVIR-CC's words (its annotators' "changeflag 0" captions): the generated
+# scenes caption unchanged pairs with them, and training recognises them. The first is what an analyst's
+# "No change here" stores.
+NO_CHANGE_CAPTIONS = ("there is no difference", "the two scenes seem identical", "the scene is the same as before",
+                      "no change has occurred", "almost nothing has changed")
+NO_CHANGE_CAPTION = NO_CHANGE_CAPTIONS[0]
 # How long a save waits for another writer to finish before it gives up and says so.
 BUSY_TIMEOUT_S = 10.0
 

@@ -35,6 +35,12 @@ class ModelError(ChangeScribeError):
     kind = "model"
 
 
+class PairingError(ModelError, ValueError):
+    """A detector and a captioner that cannot be paired (:func:`changescribe.core.models.pairing.check_pairing`).
+
+    A ``ValueError`` too, so a training config that names such a pair is reported like any other bad config."""
+
+
 class OutOfDeviceMemory(ChangeScribeError):
     """The device ran out of memory even at one tile (or one caption) per batch."""
 

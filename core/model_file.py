@@ -4,7 +4,8 @@ The card says what the weights are (architecture + full config), how to feed the
 decode captions (vocabulary), where they came from, and the sha256 of the weights file. Pickled
 checkpoints (``.pt``/``.pth``/...) are refused: unpickling can run arbitrary code, and model files are
 meant to be shared. Importing this module needs only the standard library, so the QGIS UI can list
-and show cards without torch; torch is imported by :func:`save_model_file` / :func:`load_model_file`.
+and show cards without torch; torch is imported by :func:`save_model_file` / :func:`read_weights`. Building a
+model from a card is :mod:`.model_loading`'s (the one place models are assembled).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 from .errors import ModelError
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from .model_api import InputSpec
-    from .models.adapter import TorchChangeModel
     from .vocabulary import Vocabulary
 
 FORMAT = "changescribe-model/1"
@@ -34,38 +35,6 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "resources" / "mode
 
 class ModelFileError(ModelError):
     """A model file that cannot be used (missing, tampered, pickled, unknown architecture, ...)."""
-
-
-class CheckpointError(ModelError, ValueError):
-    """A torch checkpoint that is refused (it needs unpickling) or cannot be read (damaged, not a torch file).
-
-    A ``ValueError`` too, so the code that builds models from configs reports it like any other bad config."""
-
-
-def load_torch_file(path: str | Path, map_location: Any = "cpu") -> Any:
-    """The only ``torch.load`` in ChangeScribe: tensors and plain containers only (``weights_only=True``).
-
-    Pretrained parts (SAM, CLIP, Q-Former, ResNet, a Hugging Face ``pytorch_model.bin``) and training checkpoints
-    all come through here, so a pickled object is refused with the same clear line wherever it is named, and a
-    truncated or foreign file is one line too, never torch's traceback."""
-    import pickle  # nosec B403 (only for the exception class: nothing is unpickled)
-
-    import torch
-
-    path = Path(path)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused - this checkpoint holds pickled Python objects besides tensors, and "
-                              "loading it would need weights_only=False, which can run arbitrary code. Re-save just "
-                              f"its tensors (a state dict, or .safetensors) on a machine you trust ({first})") from None
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} not found") from None
-    except Exception as e:  # noqa: BLE001 (a foreign file makes the unpickler fail in any way: IndexError, EOF...)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path} cannot be read as a torch checkpoint (damaged or another format): "
-                              f"{first}") from None
 
 
 def _pickle_refusal(path: Path) -> ModelFileError:
@@ -187,21 +156,12 @@ def save_model_file(path: str | Path, module: "nn.Module", architecture: str, co
     return cp
 
 
-def load_model_file(path: str | Path, device: str = "cpu") -> "TorchChangeModel":
-    """Card or weights path -> ready :class:`TorchChangeModel`. Verifies sha256; never unpickles.
-
-    A card with ``"pair_with": NAME`` (a captioner without a change head, e.g. SEN) returns a
-    :class:`~changescribe.core.models.pairing.PairedChangeModel` with that change detector."""
+def read_weights(card: dict[str, Any]) -> dict[str, "torch.Tensor"]:
+    """The tensors of a card's weights file, after checking it is safetensors and matches the card's sha256
+    (never unpickles). Building the model they belong to is :func:`~.model_loading.load_model_file`'s job."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .model_api import InputSpec
-    from .models.adapter import TorchChangeModel
-    from .models.pretrained import model_file_weights
-    from .models.registry import UnknownModelError, build_model, config_from_dict
-    from .vocabulary import Vocabulary
-
-    card = read_card(path)
     wp = Path(card["_weights_path"])
     if wp.suffix.lower() in PICKLE_SUFFIXES:
         raise _pickle_refusal(wp)
@@ -212,27 +172,10 @@ def load_model_file(path: str | Path, device: str = "cpu") -> "TorchChangeModel"
     if digest != card["sha256"]:
         raise ModelFileError(f"{wp}: sha256 {digest} does not match the card ({card['sha256']}); "
                              "the file is corrupt or was modified")
-    arch = card["architecture"]
     try:
-        config = config_from_dict(arch, card["config"])
-        vocab = Vocabulary.from_dict(card["vocabulary"]) if card.get("vocabulary") else None
-        with model_file_weights():  # init-only checkpoints named in the config are not read: the file has them
-            module, _ = build_model(arch, config)
-    except UnknownModelError as e:
-        raise ModelFileError(f"{card['_card_path']}: {e}") from None
-    except (TypeError, ValueError, KeyError) as e:
-        raise ModelFileError(f"{card['_card_path']}: invalid config or vocabulary: {e}") from None
-    try:
-        state = load_file(str(wp), device="cpu")
-        module.load_state_dict(state, strict=True)
-    except (SafetensorError, RuntimeError) as e:
-        raise ModelFileError(f"{wp}: weights do not fit architecture {arch!r}: {e}") from None
-    model = TorchChangeModel(module, InputSpec.from_dict(card["input"]), vocab, name=card["name"],
-                             version=card.get("version", "0"), architecture=arch, card=card)
-    if card.get("pair_with"):  # a captioner without a change head names its detector (models/pairing.py)
-        from .models.pairing import pair_from_card
-        return pair_from_card(model.to(device), card, device)  # type: ignore[return-value]
-    return model.to(device)
+        return load_file(str(wp), device="cpu")
+    except SafetensorError as e:
+        raise ModelFileError(f"{wp}: not readable as safetensors: {e}") from None
 
 
 def find_cards(search_dirs: Iterable[str | Path] | None = None) -> list[Path]:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import shutil
 import sqlite3
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
@@ -176,10 +178,42 @@ def is_disk_full(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
+def _quiet_library_noise() -> Iterator[None]:
+    """fiona's Cython code reports a GDAL error met while it closes a file that failed (a full disk) by printing
+    a traceback (``sys.excepthook``) and an "Exception ignored" line (``sys.unraisablehook``), past any handler:
+    in ``qgis_process`` that is a raw Traceback beside our one line. While a run writes, those two hooks log
+    fiona's and rasterio's errors at debug level and hand every other exception to the hooks they replace."""
+    log = logging.getLogger(__name__)
+    previous_except, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+    def noise(value: BaseException | None) -> bool:
+        return (type(value).__module__ or "").startswith(("fiona", "rasterio"))
+
+    def on_except(kind, value, tb) -> None:
+        if noise(value):
+            log.debug("while closing after a write failure: %s", value)
+        else:
+            previous_except(kind, value, tb)
+
+    def on_unraisable(unraisable) -> None:
+        if noise(unraisable.exc_value):
+            log.debug("while closing after a write failure: %s", unraisable.exc_value)
+        else:
+            previous_unraisable(unraisable)
+
+    sys.excepthook, sys.unraisablehook = on_except, on_unraisable
+    try:
+        yield
+    finally:
+        sys.excepthook, sys.unraisablehook = previous_except, previous_unraisable
+
+
+@contextlib.contextmanager
 def writing(what: str, where: str | os.PathLike) -> Iterator[None]:
     """Turn a file-system, SQLite or GDAL failure while writing ``what`` into one :class:`OutputError` line."""
     try:
-        yield
+        with _quiet_library_noise():
+            yield
     except ChangeScribeError:
         raise
     except Exception as exc:  # noqa: BLE001 (OSError, sqlite3.Error, fiona's and rasterio's error classes)

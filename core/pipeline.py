@@ -29,8 +29,7 @@ from .errors import OutOfDeviceMemory, StaleProbabilityError
 from .geopackage import RegionLayer, RegionWriter, write_captions, write_run
 from .inference import InferenceStats, predict_probability
 from .model_api import ChangeModel
-from .model_loading import load_model
-from .models.pairing import with_detector
+from .model_loading import load_model, with_detector
 from .outputs import check_free_space, check_outputs, writing
 from .raster_pair import AlignedPair, AlignmentReport, AreaOfInterest, validate_pair
 from .progress import RunProgress
@@ -100,7 +99,7 @@ def detect_changes(before: str | os.PathLike, after: str | os.PathLike, model: C
     then near-instant). Nothing is written unless the whole run succeeds: the GeoPackage and the probability
     raster appear only at the end, complete. ``beam_size`` None decodes with the model's own beam size (its
     card's, e.g. SEN's 3; else greedy). ``detector`` (a model or a name / card path) makes the change mask
-    instead of the card's ``pair_with`` partner or the model's own head (:func:`.models.pairing.with_detector`).
+    instead of the card's ``pair_with`` partner or the model's own head (:func:`.model_loading.with_detector`).
     """
     area = None
     if area_of_interest is not None:

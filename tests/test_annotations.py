@@ -18,7 +18,7 @@ from shapely.geometry import box
 
 from changescribe.core.annotations import (AnnotationStoreError, FIELDS, add_annotations, annotation_record,
                                            check_store, create_store, integrity_ok, read_annotations)
-from changescribe.core.synthetic import write_pair
+from changescribe.training.synthetic import write_pair
 from changescribe.core.training_export import (CAPTIONS_FILE, SPLITS, assign_splits, export_training_data,
                                                main as export_main)
 

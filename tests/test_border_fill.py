@@ -8,7 +8,7 @@ from rasterio.windows import Window
 
 from changescribe.core.pipeline import detect_changes
 from changescribe.core.raster_pair import AlignedPair, BorderFill, validate_pair
-from changescribe.core.synthetic import write_pair
+from changescribe.training.synthetic import write_pair
 
 STRIP = 48  # px of black fill along the after image's left edge
 

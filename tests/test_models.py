@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from changescribe.core.model_api import InputSpec
-from changescribe.core.model_file import (ModelFileError, load_model_file, read_card, resolve_model,
-                                          save_model_file)
+from changescribe.core.model_file import ModelFileError, read_card, resolve_model, save_model_file
+from changescribe.core.model_loading import load_model_file
 from changescribe.core.models.adapter import TorchChangeModel
 from changescribe.core.models.backbones import ResNetBackbone
 from changescribe.core.models.caption_decoder import CaptionDecoder

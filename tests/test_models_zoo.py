@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from changescribe.core.model_api import InputSpec
-from changescribe.core.model_file import ModelFileError, load_model_file, read_card, save_model_file
+from changescribe.core.errors import PairingError
+from changescribe.core.model_file import ModelFileError, read_card, save_model_file
+from changescribe.core.model_loading import load_model_file
 from changescribe.core.models.adapter import TorchChangeModel
 from changescribe.core.models.pairing import PairedChangeModel
 from changescribe.core.models.registry import build_model, count_parameters, get_entry, list_models
@@ -232,7 +234,9 @@ def test_dfm_contrastive_outputs_and_cd_weights(tiny_models, vocab, tmp_path):
     torch.manual_seed(9)
     bit, _ = build_model("bit-cd", bit_cfg)
     card = save_model_file(tmp_path / "bit", bit, "bit-cd", bit_cfg, InputSpec())
-    module.load_cd_weights(card)
+    from changescribe.training.recipes.dfm import load_cd_weights
+
+    load_cd_weights(module, card)
     raw_b, raw_a = raw_pair(1, 128, seed=5)
     dfm_prob = TorchChangeModel(module, InputSpec(), vocab).change_probability(raw_b, raw_a)
     bit_prob = load_model_file(card).change_probability(raw_b, raw_a)
@@ -360,9 +364,9 @@ def test_pairing_end_to_end(tiny_models, vocab, tmp_path):
     save_model_file(tmp_path / "other-sen", sen, "sen-small", sen_cfg, InputSpec(), vocab)
     card["pair_with"] = "other-sen"
     sen_card.write_text(json.dumps(card))
-    with pytest.raises(ModelFileError, match="does not detect change"):
+    with pytest.raises(PairingError, match="does not detect change"):
         load_model_file(sen_card)
-    with pytest.raises(ValueError, match="cannot detect"):
+    with pytest.raises(PairingError, match="does not detect change"):
         PairedChangeModel(sen_model, sen_model)
 
 

@@ -15,11 +15,12 @@ from changescribe.core.cli import build_parser, main
 from changescribe.core.errors import ModelError
 from changescribe.core.geopackage import read_run
 from changescribe.core.model_api import ChangeModel, InputSpec
-from changescribe.core.model_file import load_model_file, save_model_file
-from changescribe.core.models.pairing import PairedChangeModel, with_detector
+from changescribe.core.model_file import save_model_file
+from changescribe.core.model_loading import load_model_file, with_detector
+from changescribe.core.models.pairing import PairedChangeModel
 from changescribe.core.models.registry import build_model, get_entry
 from changescribe.core.pipeline import detect_changes
-from changescribe.core.synthetic import write_pair
+from changescribe.training.synthetic import write_pair
 from changescribe.core.vocabulary import Vocabulary
 
 CAPTIONS = ["a house is built near the road", "there is no difference", "many trees are removed"]

@@ -12,7 +12,7 @@ from changescribe.core.geopackage import RUNS_TABLE, read_run
 from changescribe.core.model_loading import load_model
 from changescribe.core.pipeline import detect_changes
 from changescribe.core.run_control import RunControl
-from changescribe.core.synthetic import write_pair
+from changescribe.training.synthetic import write_pair
 
 # Seeds far from the training seeds (0..2999) and validation seeds (1,000,000+).
 TEST_SEEDS = (7_000_001, 7_000_002)

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from changescribe.core.model_api import InputSpec
-from changescribe.core.model_file import ModelFileError, load_model_file, read_card, save_model_file
+from changescribe.core.model_file import ModelFileError, read_card, save_model_file
+from changescribe.core.model_loading import load_model_file
 from changescribe.core.models.pretrained import clip_vision_tensors, qformer_tensors
 from changescribe.core.models.registry import build_model, get_entry
 from changescribe.core.vocabulary import Vocabulary

@@ -19,7 +19,7 @@ import pytest
 from shapely import wkt as shapely_wkt
 from shapely.geometry import box
 
-from changescribe.core.synthetic import write_pair
+from changescribe.training.synthetic import write_pair
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "resources" / "sample"

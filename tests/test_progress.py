@@ -8,7 +8,7 @@ import sqlite3
 from changescribe.core.pipeline import detect_changes
 from changescribe.core.progress import RunProgress
 from changescribe.core.run_control import RunControl
-from changescribe.core.synthetic import write_pair
+from changescribe.training.synthetic import write_pair
 
 
 class Clock:

@@ -22,7 +22,7 @@ from changescribe.core.inference import InferenceStats
 from changescribe.core.pipeline import ChangeResult
 from changescribe.core.raster_pair import AlignmentReport
 from changescribe.core.report import write_report
-from changescribe.core.synthetic import write_pair
+from changescribe.training.synthetic import write_pair
 
 DATA_URI = '<img src="data:image/png;base64,'
 SCENE = 'a <script>alert("x")</script> & two "new" houses'

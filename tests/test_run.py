@@ -16,7 +16,7 @@ from changescribe.core.device import halving_on_oom
 from changescribe.core.errors import OutOfDeviceMemory
 from changescribe.core.pipeline import detect_changes
 from changescribe.core.run import CPU_FALLBACK_NOTE, STALE_CACHE_NOTE, cache_key, cache_path, run_request
-from changescribe.core.synthetic import write_pair
+from changescribe.training.synthetic import write_pair
 from conftest import OracleModel, write_geotiff
 
 

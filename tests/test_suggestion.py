@@ -10,7 +10,7 @@ import rasterio
 
 from changescribe.core.model_loading import find_model
 from changescribe.core.suggestion import SuggestionJob, suggest_caption
-from changescribe.core.synthetic import write_pair
+from changescribe.training.synthetic import write_pair
 
 
 def _worker(line: str) -> tuple[int, list[dict]]:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import rasterio
 
-from changescribe.core import synthetic as syn
+from changescribe.core.annotations import NO_CHANGE_CAPTIONS
+from changescribe.training import synthetic as syn
 
 VOCAB = Path("/work/shared/data/levircc/vocab.json")
 
@@ -45,7 +46,7 @@ def test_change_lies_inside_the_mask(seed):
     p = syn.make_pair(256, seed=seed, change_level=0.6)
     m = p.change_mask.astype(bool)
     assert p.change_mask.dtype == np.uint8 and set(np.unique(p.change_mask)) <= {0, 1}
-    assert m.any() and p.changes and p.captions[0] not in syn.NO_CHANGE_CAPTIONS
+    assert m.any() and p.changes and p.captions[0] not in NO_CHANGE_CAPTIONS
     diff = np.abs(p.before.astype(np.float32) - p.after.astype(np.float32)).mean(0)
     assert diff[m].mean() > 3 * diff[~m].mean()
     for ch in p.changes:
@@ -57,12 +58,12 @@ def test_change_lies_inside_the_mask(seed):
 def test_no_change_pair():
     p = syn.make_pair(256, seed=2, change_level=0.0)
     assert not p.change_mask.any() and p.changes == []
-    assert p.captions == syn.NO_CHANGE_CAPTIONS
+    assert p.captions == list(NO_CHANGE_CAPTIONS)
     assert not np.array_equal(p.before, p.after)  # nuisance differences remain
     q = syn.make_pair(256, seed=2, change_level=0.0, nuisance=0.0)
     assert np.array_equal(q.before, q.after)
     r = syn.make_pair(256, seed=2, change_level=1.0, p_no_change=1.0)
-    assert not r.change_mask.any() and r.captions == syn.NO_CHANGE_CAPTIONS
+    assert not r.change_mask.any() and r.captions == list(NO_CHANGE_CAPTIONS)
 
 
 def test_uint16_and_extra_bands():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from changescribe.core.pipeline import detect_changes
-from changescribe.core.synthetic import write_pair
+from changescribe.training.synthetic import write_pair
 from changescribe.training.config import load_config
 from changescribe.training.metrics import MaskScores, caption_scores
 from changescribe.training.recipes.pix4cap import train

@@ -14,10 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from changescribe.core.model_file import load_model_file, read_card
+from changescribe.core.model_file import read_card
+from changescribe.core.model_loading import load_model_file
 from changescribe.core.models.registry import build_model, get_entry
 from changescribe.core.pipeline import detect_changes
-from changescribe.core.synthetic import NO_CHANGE_CAPTIONS, write_pair
+from changescribe.core.annotations import NO_CHANGE_CAPTIONS
+from changescribe.training.synthetic import write_pair
 from changescribe.training.config import load_config
 from changescribe.training.losses import (change_gate, dfm_loss, gated_contrastive_loss,
                                           global_gated_contrastive_loss)

@@ -19,7 +19,7 @@ from changescribe.core.model_api import InputSpec
 from changescribe.core.model_file import read_card, save_model_file
 from changescribe.core.models.registry import build_model, get_entry
 from changescribe.core.pipeline import detect_changes
-from changescribe.core.synthetic import make_pair, write_pair
+from changescribe.training.synthetic import make_pair, write_pair
 from changescribe.training.config import load_config
 from changescribe.training.engine import amp_dtype, epoch_seed
 from changescribe.training.pseudo_labels import write_pseudo_labels

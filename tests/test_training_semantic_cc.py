@@ -25,7 +25,7 @@ from changescribe.core.model_file import read_card
 from changescribe.core.model_loading import load_model
 from changescribe.core.models.registry import build_model, get_entry
 from changescribe.core.pipeline import detect_changes
-from changescribe.core.synthetic import write_pair
+from changescribe.training.synthetic import write_pair
 from changescribe.core.vocabulary import Vocabulary
 from changescribe.training.config import load_config
 from changescribe.training.engine import Runtime, fit
@@ -275,7 +275,7 @@ def write_levircd(root: Path) -> Path:
     import numpy as np
     from PIL import Image
 
-    from changescribe.core.synthetic import make_pair
+    from changescribe.training.synthetic import make_pair
 
     for split, (h, w), seed in (("train", (128, 192), 11), ("val", (64, 128), 12)):
         p = make_pair(192, seed=seed, p_no_change=0.0)

@@ -19,12 +19,13 @@ from PIL import Image
 from torch import nn
 
 from changescribe.core.model_api import InputSpec
-from changescribe.core.model_file import load_model_file, read_card, save_model_file
+from changescribe.core.model_file import read_card, save_model_file
+from changescribe.core.model_loading import load_model_file
 from changescribe.core.models.backbones import ResNetBackbone
 from changescribe.core.models.pairing import PairedChangeModel
 from changescribe.core.models.registry import build_model, get_entry
 from changescribe.core.pipeline import detect_changes
-from changescribe.core.synthetic import write_pair
+from changescribe.training.synthetic import write_pair
 from changescribe.core.vocabulary import Vocabulary
 from changescribe.training.__main__ import main as training_main
 from changescribe.training.config import AugmentConfig, config_from_dict, load_config

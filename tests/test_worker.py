@@ -19,7 +19,7 @@ import pytest
 from changescribe.core.api import DetectRequest
 from changescribe.core.errors import Cancelled, ChangeScribeError, InputError, ModelError
 from changescribe.core.run import cache_key, cache_path, prune_cache
-from changescribe.core.synthetic import write_pair
+from changescribe.training.synthetic import write_pair
 from changescribe.plugin.worker_client import WorkerError, probe_python, run_worker
 
 REPO = Path(__file__).resolve().parent.parent

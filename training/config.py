@@ -44,7 +44,7 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    # synthetic: core.synthetic; levircc: LEVIR-CC (masks from data.pseudo_labels, if given); levircd: LEVIR-CD
+    # synthetic: training.synthetic; levircc: LEVIR-CC (masks from data.pseudo_labels, if given); levircd: LEVIR-CD
     # (crops of crop_size); levirmci: LEVIR-CC layout + images/<split>/label masks (also the annotation export);
     # multidate (sen-pretrain only): unlabelled co-registered tiles, ROOT/<place>/<date> (datasets/multidate.py).
     source: str = "synthetic"
@@ -65,7 +65,7 @@ class DataConfig:
     # real-change (datasets/real_change.py): change synthesised on real imagery. ``labelled``: images whose
     # objects are pasted, [{"image": raster, "footprints": vector layer}]; ``backgrounds``: unlabelled real images
     # or folders; ``object_gsd_ratio``: the objects' GSD over the training GSD. train_pairs/val_pairs/size/
-    # first_seed as for synthetic; ``generated_pairs`` generated scenes (core.synthetic) are mixed in for the
+    # first_seed as for synthetic; ``generated_pairs`` generated scenes (training.synthetic) are mixed in for the
     # caption decoder, their masks ignored unless ``generated_masks``.
     labelled: list | None = None
     backgrounds: list | None = None

@@ -62,7 +62,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from changescribe.core.model_file import load_torch_file
+from changescribe.core.checkpoints import load_torch_file
 
 from .config import OptimConfig, TrainConfig
 from .datasets.common import collate as default_collate

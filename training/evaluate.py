@@ -92,7 +92,7 @@ def evaluate_model_file(card: str, pairs: int = 200, size: int | None = None, be
     else:
         size = size or model.input_spec.tile_size
         ds = SyntheticChangeDataset(pairs, size, TEST_FIRST_SEED, p_no_change=0.3)
-        desc = f"generated scenes (core.synthetic), seeds {TEST_FIRST_SEED}..{TEST_FIRST_SEED + pairs - 1}, {size}² px"
+        desc = f"generated scenes (training.synthetic), seeds {TEST_FIRST_SEED}..{TEST_FIRST_SEED + pairs - 1}, {size}² px"
     if len(ds) == 0:
         raise ValueError(f"{desc}: no pairs to score")
     scores = evaluate(model, ds, batch_size, meteor=True, beam_size=beam_size)

@@ -60,9 +60,9 @@ def change_gate(captions: Sequence[str]) -> torch.Tensor:
     """TGCL's gating indicator g_i: 0 for a "no change" caption, 1 for a caption that describes a change.
 
     LEVIR-CC words every no-change pair (``changeflag`` 0) with the same five sentences, which the synthetic
-    generator and the annotation export reuse (``core.synthetic.NO_CHANGE_CAPTIONS``); they are matched after
+    generator and the annotation export reuse (``core.annotations.NO_CHANGE_CAPTIONS``); they are matched after
     LEVIR-CC tokenisation, so case and final periods do not matter. An empty caption counts as no change."""
-    from changescribe.core.synthetic import NO_CHANGE_CAPTIONS
+    from changescribe.core.annotations import NO_CHANGE_CAPTIONS
     from changescribe.core.vocabulary import tokenize
 
     sentences = {" ".join(tokenize(s)) for s in NO_CHANGE_CAPTIONS}

@@ -1,6 +1,6 @@
 """Synthetic bi-temporal aerial scenes with a known change mask and LEVIR-CC-style captions.
 
-Why: tests need pairs whose true change is known exactly, benchmarks need arbitrarily large rasters,
+Training and test data, not shipped in the plugin (``training/`` is left out of its zip). Why: tests need pairs whose true change is known exactly, benchmarks need arbitrarily large rasters,
 and small change-detection / captioning models need cheap training data. A :class:`Scene` is a list of
 vector objects in pixel space (roads, buildings, trees, water, ground patches), each present *before*,
 *after* or both. Every pixel is a deterministic function of its global coordinates and the seed
@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from changescribe.core.annotations import NO_CHANGE_CAPTIONS
 
 # -- deterministic noise: value noise on a hashed integer lattice, evaluated on separable grids ----------
 
@@ -817,8 +819,6 @@ def render_mask(scene: Scene, window: tuple[int, int, int, int]) -> np.ndarray:
 
 # -- captions (LEVIR-CC vocabulary; lower case, no final period) -------------------------------------------
 
-NO_CHANGE_CAPTIONS = ["there is no difference", "the two scenes seem identical", "the scene is the same as before",
-                      "no change has occurred", "almost nothing has changed"]
 _NUM = {1: "a", 2: "two", 3: "three", 4: "four", 5: "five"}
 # Five styles per (object, kind), like LEVIR-CC's five annotators. Fields: q quantity, n noun, be/have/s verb
 # agreement, pos position phrase, rel relation to a road, ground land cover, adj road shape, q4 vague quantity.
@@ -1054,7 +1054,7 @@ def write_pair(out_dir: str | Path, name: str = "pair", size: int | tuple[int, i
 
 def main(argv: list[str] | None = None) -> None:
     """Write N synthetic pairs (seeds seed .. seed+N-1) into OUT_DIR."""
-    ap = argparse.ArgumentParser(prog="python -m changescribe.core.synthetic", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m changescribe.training.synthetic", description=main.__doc__)
     ap.add_argument("out_dir")
     ap.add_argument("--size", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)

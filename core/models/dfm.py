@@ -11,7 +11,7 @@ What the paper fixes and this module implements:
   (``logit_scale``, CLIP's initialisation 1/0.07). The loss (gating of "no change" captions, symmetric
   cross-entropy) belongs to training/ and is not here;
 * a **pre-trained change-detection encoder**: a complete :class:`BITChangeDetector` lives in ``self.cd`` so
-  the weights of any ``bit-cd`` model file load into it unchanged (:meth:`DFM.load_cd_weights`), frozen by
+  the weights of any ``bit-cd`` model file load into it unchanged (the DFM recipe's ``load_cd_weights``), frozen by
   default ("stable change detection knowledge"). Because the whole BIT is inside, DFM also predicts the
   change mask (``change_logits`` = BIT's head) and needs no pairing;
 * **Joint Feature Modeling** (Eq. 8-10): the direct difference of the raw ViT embeddings (Eq. 8) and the
@@ -160,16 +160,6 @@ class DFM(nn.Module):
         if self.cfg.freeze_cd:  # a frozen pre-trained CD model keeps its BatchNorm statistics
             self.cd.eval()
         return self
-
-    # ---- the pre-trained change detector -----------------------------------------------------------
-    def load_cd_weights(self, path: str | Path) -> None:
-        """Load a ``bit-cd`` ChangeScribe model file (card or .safetensors, sha256-checked) into ``self.cd``."""
-        from ..model_file import load_model_file
-
-        model = load_model_file(path)
-        if model.architecture != "bit-cd":
-            raise ValueError(f"{path}: DFM's CD encoder is BIT; the file holds {model.architecture!r}")
-        self.cd.load_state_dict(model.module.state_dict(), strict=True)
 
     def load_clip_weights(self, path: str | Path) -> None:
         """Initialise the ViT from a LOCAL CLIP checkpoint (OpenAI / open_clip / Hugging Face layouts)."""

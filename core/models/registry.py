@@ -38,6 +38,11 @@ class ModelEntry:
     description: str
     captions: bool
 
+    @property
+    def detects(self) -> bool:
+        """Whether the architecture has a change head (SEN has none: it runs paired with a detector)."""
+        return bool(getattr(self.builder, "can_detect", True)) and hasattr(self.builder, "change_logits")
+
 
 _REGISTRY: dict[str, ModelEntry] = {}
 

@@ -18,7 +18,7 @@ from qgis.utils import iface  # noqa: E402
 
 def body(report):
     from changescribe.core.annotations import read_annotations
-    from changescribe.core.synthetic import write_pair
+    from changescribe.training.synthetic import write_pair
 
     files = write_pair(WORK / "pair", "choice", size=256, seed=7, change_level=0.8)
     plugin, dock = open_dock()

@@ -29,7 +29,7 @@ def mouse(tool, canvas, kind, point: QgsPointXY, button=Qt.LeftButton):
 
 def body(report):
     from changescribe.core.annotations import read_annotations
-    from changescribe.core.synthetic import write_pair
+    from changescribe.training.synthetic import write_pair
 
     files = write_pair(WORK / "pair", "annot", size=256, seed=5, change_level=0.8)
     plugin, dock = open_dock()

@@ -150,7 +150,7 @@ def body(report):
     report["screenshots"] = files_under(SHOTS)
 
     # 3. cancel a run on a bigger pair after its first progress: nothing may be left behind
-    from changescribe.core.synthetic import write_pair
+    from changescribe.training.synthetic import write_pair
 
     big = write_pair(WORK / "big", name="big", size=1024, seed=3)
     big_before, big_after = add_raster(big.before, "big_2019"), add_raster(big.after, "big_2021")

@@ -3,7 +3,7 @@
 Every source returns the same item (see :mod:`.common`): ``before``/``after`` uint8 (3, H, W), ``mask`` uint8
 (H, W) in {0, 1} or 255 where unlabelled, ``captions`` (list, may be empty) and ``name``. Sources:
 
-* ``synthetic`` - :class:`.synthetic.SyntheticChangeDataset` (core.synthetic scenes, true masks, captions);
+* ``synthetic`` - :class:`.synthetic.SyntheticChangeDataset` (training.synthetic scenes, true masks, captions);
 * ``levircc`` - :class:`.levir.LevirCCDataset` (captions; masks from ``data.pseudo_labels`` when given);
 * ``levirmci`` - :class:`.levir.LevirMCIDataset` (captions + change maps; also the annotation export);
 * ``levircd`` - :class:`.levir.LevirCDDataset` (masks, crops of ``data.crop_size``).

@@ -1,4 +1,4 @@
-"""Synthetic bi-temporal pairs (core.synthetic) as a torch Dataset with known masks and captions.
+"""Synthetic bi-temporal pairs (training.synthetic) as a torch Dataset with known masks and captions.
 
 Pairs are rendered once from consecutive seeds and kept in memory as uint8, so an epoch costs no rendering
 and the same seeds always give the same data (held-out splits are disjoint seed ranges).
@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from changescribe.core.synthetic import make_pair
+from changescribe.training.synthetic import make_pair
 
 from .common import IGNORE
 

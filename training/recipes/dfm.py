@@ -41,6 +41,7 @@ from torch import nn
 
 from changescribe.core.model_api import InputSpec, normalise
 from changescribe.core.model_file import read_card
+from changescribe.core.model_loading import load_model_file
 from changescribe.core.models.adapter import TorchChangeModel
 from changescribe.core.models.change_detector import BITConfig
 from changescribe.core.models.dfm import DFM
@@ -93,6 +94,14 @@ def cd_overrides_from_card(card: dict) -> dict:
     default = BITConfig()
     return {f.name: getattr(bit, f.name) for f in dataclasses.fields(BITConfig)
             if f.name != "in_channels" and getattr(bit, f.name) != getattr(default, f.name)}
+
+
+def load_cd_weights(dfm: DFM, path: str | Path) -> None:
+    """Load a ``bit-cd`` ChangeScribe model file (card or .safetensors, sha256-checked) into DFM's CD encoder."""
+    model = load_model_file(path)
+    if model.architecture != "bit-cd":
+        raise ValueError(f"{path}: DFM's CD encoder is BIT; the file holds {model.architecture!r}")
+    dfm.cd.load_state_dict(model.module.state_dict(), strict=True)
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, device: str = "cpu", resume: bool = False,
@@ -160,7 +169,7 @@ def _train(cfg: TrainConfig, out_dir: str | Path, rt: Runtime, resume: bool) -> 
     spec = InputSpec(bands=3, mean=cd_spec.mean, std=cd_spec.std, tile_size=cfg.tile_size, gsd=cfg.gsd)
     arch_cfg = _arch_config(cfg, cd_overrides, encoder.dim, clip)
     dfm, arch_cfg = build_model(cfg.architecture, arch_cfg, input_spec=spec, vocabulary=vocab)
-    dfm.load_cd_weights(cfg.cd_model)
+    load_cd_weights(dfm, cfg.cd_model)
     module = TGCLForward(dfm)
 
     def loss(model, batch: dict, device: torch.device):

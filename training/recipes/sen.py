@@ -35,9 +35,10 @@ import torch
 
 from changescribe.core.model_api import InputSpec, normalise
 from changescribe.core.model_file import ModelFileError, read_card, resolve_model, sha256_file
-from changescribe.core.model_loading import model_dirs
+from changescribe.core.model_loading import looks_like_card_path, model_dirs
 from changescribe.core.models.adapter import TorchChangeModel
-from changescribe.core.models.registry import build_model, get_entry
+from changescribe.core.models.pairing import PairingSide, check_pairing
+from changescribe.core.models.registry import build_model
 
 from ..caption_vocabulary import build_vocabulary, training_captions
 from ..config import TrainConfig
@@ -58,18 +59,14 @@ def train(cfg: TrainConfig, out_dir: str | Path, device: str = "cpu", resume: bo
         return _train(cfg, out_dir, rt, resume)
 
 
-def _looks_like_path(value: str) -> bool:
-    """The test :func:`~changescribe.core.models.pairing.pair_from_card` applies to a ``pair_with`` value."""
-    return Path(value).suffix in (".json", ".safetensors") or "/" in value or "\\" in value
-
-
 def pairing(pair_with: str, out_dir: str | Path, bands: int) -> tuple[str, dict[str, Any] | None]:
     """(the card's ``pair_with`` value, the partner's card or None) for a configured detector.
 
     A card path must exist and is rewritten relative to ``out_dir`` (where the exported card lies); a name is
     kept, and looked up now (``out_dir``, then the model folders) only to check it early: a name not found here
-    is allowed (it may be installed beside the model later) with a warning."""
-    if _looks_like_path(pair_with):
+    is allowed (it may be installed beside the model later) with a warning. The rules are core's
+    (:func:`~changescribe.core.models.pairing.check_pairing`), checked on the cards before anything trains."""
+    if looks_like_card_path(pair_with):
         card = read_card(resolve_model(pair_with))
         target = Path(card["_card_path"]).resolve()
         try:
@@ -84,13 +81,8 @@ def pairing(pair_with: str, out_dir: str | Path, bands: int) -> tuple[str, dict[
             log.warning("pair_with %r is not installed here (%s); the card names it, so it must be found "
                         "beside the model or in a model folder when the model is loaded", pair_with, e)
             return value, None
-    entry = get_entry(card["architecture"])
-    if not getattr(entry.builder, "can_detect", True) or not hasattr(entry.builder, "change_logits"):
-        raise ValueError(f"pair_with {pair_with!r} ({card['architecture']}) has no change head")
-    if card.get("pair_with"):
-        raise ValueError(f"pair_with {pair_with!r} is itself paired ({card['pair_with']!r}); name its detector")
-    if int(card["input"].get("bands", 3)) != bands:
-        raise ValueError(f"pair_with {pair_with!r} reads {card['input'].get('bands')} bands, SEN {bands}")
+    captioner = PairingSide(name="sen", detects=False, captions=True, bands=bands, paired=False)
+    check_pairing(PairingSide.of_card(card), captioner)
     return value, card
 
 
