@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "build" / "bench"
 
 
+MODEL = "default"  # --model
 PAIR: tuple[str, str] | None = None  # --pair: a real before/after pair instead of the synthetic ones
 
 
@@ -45,7 +46,7 @@ def bare_model(size: int, device: str, batch: int, tiles: int, repeats: int = 4)
     from changescribe.core.raster_pair import AlignedPair
 
     before, after = ensure_pair(size)
-    model = load_model("default", device)
+    model = load_model(MODEL, device)
     t = model.input_spec.tile_size
     with AlignedPair(before, after) as pair:
         n_side = max(1, min(pair.width // t, int(np.ceil(np.sqrt(tiles)))))
@@ -77,17 +78,35 @@ def pipeline(size: int, device: str, batch: int, captions: bool) -> dict:
     before, after = ensure_pair(size)
     out = CACHE / f"out_{size}_{int(captions)}.gpkg"
     # Loading and warming up the model is a one-off cost, not per tile: the bare-model timing excludes it too.
-    model = load_model("default", device)
+    model = load_model(MODEL, device)
     t = model.input_spec.tile_size
     with torch.inference_mode():
         model.change_probability(torch.zeros(batch, 3, t, t, device=device), torch.zeros(batch, 3, t, t, device=device))
-    t0 = time.perf_counter()
+    from changescribe.core.run_control import RunControl
+
+    stage_cpu: dict[str, float] = {}  # CPU seconds at which each stage first reported
+
+    def track(_fraction: float, message: str) -> None:
+        kind = message.split(" ")[0].rstrip(":")
+        if kind and kind not in stage_cpu:
+            stage_cpu[kind] = _cpu_seconds()
+
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     result = detect_changes(before, after, model, out, batch_size=batch, device=device, captions=captions,
-                            min_area=10.0)
+                            min_area=10.0, control=RunControl(on_progress=track), overwrite=True)
     dt = time.perf_counter() - t0
+    end = _cpu_seconds()
     return {"tiles": result.stats.tiles, "tiles_per_s": result.stats.tiles / dt,
             "inference_tiles_per_s": result.stats.tiles_per_second, "regions": len(result.regions),
-            "seconds": dt}
+            "seconds": dt, "cpu_seconds": end - c0,
+            # CPU seconds of the caption stage: from its first report to the end of the run (scene caption, write)
+            "captions_cpu_seconds": end - stage_cpu["captions"] if "captions" in stage_cpu else 0.0}
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process, all threads: unlike wall time, it does not grow when other jobs share the CPU."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def child(args: argparse.Namespace) -> None:
@@ -101,7 +120,8 @@ def child(args: argparse.Namespace) -> None:
 
 def run_child(kind: str, size: int, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", kind, "--size", str(size), "--device", args.device,
-           "--batch-size", str(args.batch_size), "--tiles", str(args.tiles)] + (["--pair", *PAIR] if PAIR else [])
+           "--batch-size", str(args.batch_size), "--tiles", str(args.tiles), "--model", args.model] + \
+        (["--pair", *PAIR] if PAIR else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -113,16 +133,22 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--tiles", type=int, default=64, help="tiles for the bare-model measurement")
     ap.add_argument("--captions", action="store_true", help="also time the run with captions")
+    ap.add_argument("--skip-bare", action="store_true", help="do not time the bare model")
+    ap.add_argument("--captions-only", action="store_true",
+                    help="one run with captions; the run without is its CPU time less the caption stage's (for a "
+                         "machine so busy that every run counts)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run without and with captions this many times, alternating, and keep each one's fastest "
                          "(a machine shared with other jobs varies a lot between runs)")
     ap.add_argument("--pair", nargs=2, metavar=("BEFORE", "AFTER"),
                     help="time this real pair (once, its own size) instead of the synthetic sizes")
+    ap.add_argument("--model", default="default", help="model name or card (default: the shipped default)")
     ap.add_argument("--child", choices=["bare", "pipeline", "captions"], help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    global PAIR
+    global PAIR, MODEL
     PAIR = tuple(args.pair) if args.pair else None
+    MODEL = args.model
     if PAIR is not None and not args.child:
         import rasterio
 
@@ -134,33 +160,45 @@ def main() -> None:
     rows = []
     for size in args.sizes:
         ensure_pair(size)
-        bare = run_child("bare", size, args)
+        bare = {"tiles_per_s": float("nan"), "peak_rss_mb": float("nan")} if args.skip_bare else \
+            run_child("bare", size, args)
+        if args.captions_only:
+            cap = run_child("captions", size, args)
+            rest = cap["cpu_seconds"] - cap["captions_cpu_seconds"]
+            print(json.dumps(cap), file=sys.stderr)
+            print(f"| {size}² | {cap['regions']} regions | run with captions {cap['seconds']:.1f} s wall, "
+                  f"{cap['cpu_seconds']:.1f} s CPU, of which captions {cap['captions_cpu_seconds']:.1f} s CPU | "
+                  f"with / without captions (CPU): {cap['cpu_seconds'] / rest:.2f} |")
+            continue
         pipes, caps = [], []
         for _ in range(max(1, args.repeat)):
             pipes.append(run_child("pipeline", size, args))
             if args.captions:
                 caps.append(run_child("captions", size, args))
         pipe = min(pipes, key=lambda p: p["seconds"])
-        row = {"size": size, "tiles": pipe["tiles"], "bare": bare["tiles_per_s"], "pipeline": pipe["tiles_per_s"],
+        row = {"size": size, "mpx_per_s": size * size / pipe["seconds"] / 1e6, "tiles": pipe["tiles"], "bare": bare["tiles_per_s"], "pipeline": pipe["tiles_per_s"],
                "inference": pipe["inference_tiles_per_s"],
                "ratio": pipe["tiles_per_s"] / bare["tiles_per_s"], "rss_bare": bare["peak_rss_mb"],
                "rss_pipeline": pipe["peak_rss_mb"], "seconds": pipe["seconds"], "regions": pipe["regions"]}
         if args.captions:
             cap = min(caps, key=lambda p: p["seconds"])
-            row.update(captions=cap["tiles_per_s"], rss_captions=cap["peak_rss_mb"], seconds_captions=cap["seconds"])
+            row.update(captions=cap["tiles_per_s"], rss_captions=cap["peak_rss_mb"], seconds_captions=cap["seconds"],
+                       cpu=pipe["cpu_seconds"], cpu_captions=cap["cpu_seconds"], regions_captions=cap["regions"])
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
-    print(f"\ndevice {args.device}, batch {args.batch_size}")
+    print(f"\nmodel {args.model}, device {args.device}, batch {args.batch_size}")
     head = ("| pixels | tiles | bare model tiles/s | pipeline tiles/s (inference stage) | ratio | peak RSS pipeline "
-            "| run time | regions |")
-    print(head + ("" if not args.captions else " run time with captions | with / without | peak RSS captions |"))
+            "| run time | pipeline Mpx/s | regions |")
+    print(head + ("" if not args.captions else " run time with captions | with / without (wall; CPU time) "
+                                                "| peak RSS captions |"))
     print("|" + "---|" * (head.count("|") - 1 + (2 if args.captions else 0)))
     for r in rows:
         line = (f"| {r['size']}² | {r['tiles']} | {r['bare']:.1f} | {r['pipeline']:.1f} ({r['inference']:.1f}) | "
                 f"{r['ratio']:.2f} | "
-                f"{r['rss_pipeline']:.0f} MB | {r['seconds']:.1f} s | {r['regions']} |")
+                f"{r['rss_pipeline']:.0f} MB | {r['seconds']:.1f} s | {r['mpx_per_s']:.2f} | {r['regions']} |")
         if args.captions:
-            line += (f" {r['seconds_captions']:.1f} s | {r['seconds_captions'] / r['seconds']:.2f} | "
+            line += (f" {r['seconds_captions']:.1f} s | {r['seconds_captions'] / r['seconds']:.2f}; "
+                     f"{r['cpu_captions'] / r['cpu']:.2f} | "
                      f"{r['rss_captions']:.0f} MB |")
         print(line)
 
