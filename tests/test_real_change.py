@@ -112,7 +112,7 @@ def test_footprints_cut_real_objects(scenes):
 def test_a_pasted_or_removed_object_is_exactly_its_label(scenes):
     from changescribe.training.datasets.real_change import RealChangeDataset, SynthesisConfig
 
-    cfg = SynthesisConfig(p_land=0, p_fill=0, p_shift=0, p_shadow=0, nuisance=0)
+    cfg = SynthesisConfig(p_land=0, p_site=0, p_fill=0, p_shift=0, p_shadow=0, nuisance=0)
     ds = RealChangeDataset(scenes, 60, 128, seed=7, config=cfg)
     seen = set()
     for i in range(len(ds)):
@@ -212,3 +212,15 @@ def test_eval_on_a_folder_of_neither_layout_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "changescribe.training", "eval", str(card), "--data", str(tmp_path),
                         "--device", "cpu"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and "neither the LEVIR-CD layout" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_star_captions_say_which_kind_dominates():
+    from changescribe.training.datasets.real_change import captions_for
+
+    label = np.zeros((64, 64), bool)
+    label[5:20, 5:20] = True
+    assert all("removed" in c or "disappear" in c for c in captions_for("star", 225, 1, label, removed=5))
+    assert all("built" in c or "constructed" in c for c in captions_for("star", 225, 6, label, removed=1))
+    mixed = captions_for("star", 225, 3, label, removed=3)
+    assert all("built" in c and "removed" in c for c in mixed)
+    assert captions_for("new", 0, 0, np.zeros((8, 8), bool))[0] == "there is no difference"

@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--record", nargs=2, metavar=("BLOCK", "LABEL"),
                     help='write the scores into the model card as metrics[BLOCK] labelled LABEL, e.g. '
                          '--record test_levircd "real crops (LEVIR-CD)"')
+    ev.add_argument("--record-to", metavar="CARD",
+                    help="--record into this model card instead of MODEL's (e.g. a leave-one-dataset-out fold's "
+                         "held-out scores into the card of the model trained on all data)")
     pl = ap.add_argument_group("pseudo-labels")
     pl.add_argument("--cd-model", help="the change detector's model card (e.g. from the cd-bit recipe)")
     pl.add_argument("--data", help="eval: a dataset folder in the LEVIR-CD layout (A/, B/, label/) or the LEVIR-CC "
@@ -60,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
 # The options each command reads; any other option given is refused rather than silently ignored.
 _COMMON = {"recipe", "device"}
 _READS = {
-    "eval": _COMMON | {"model", "config", "set", "data", "pairs", "split", "beam_size", "batch_size", "record"},
+    "eval": _COMMON | {"model", "config", "set", "data", "pairs", "split", "beam_size", "batch_size", "record",
+                       "record_to"},
     "pseudo-labels": _COMMON | {"cd_model", "data", "out", "captions", "splits", "batch_size", "threshold",
                                 "workers", "missing"},
 }
@@ -82,6 +86,8 @@ def _refuse_ignored(ap: argparse.ArgumentParser, args: argparse.Namespace) -> No
             ap.error("--pairs counts generated test scenes; it does not apply to --data/--config")
         if args.split is not None and not (args.data or args.config):
             ap.error("--split needs --data or --config")
+        if args.record_to and not args.record:
+            ap.error("--record-to needs --record BLOCK LABEL")
 
 
 def _overrides(items: list[str]) -> dict:
@@ -148,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print_table(scores)
         if args.record:
-            print(f"recorded as metrics[{args.record[0]!r}] in {record_metrics(args.model, *args.record, scores)}")
+            card = record_metrics(args.record_to or args.model, *args.record, scores)
+            print(f"recorded as metrics[{args.record[0]!r}] in {card}")
         return 0
     if args.recipe == "pseudo-labels":
         from .pseudo_labels import write_pseudo_labels

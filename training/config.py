@@ -73,6 +73,11 @@ class DataConfig:
     generated_pairs: int = 0
     generated_masks: bool = False
     synthesis: dict = field(default_factory=dict)  # SynthesisConfig fields (pair-kind mix, nuisance strength)
+    # real-change: real labelled pairs mixed in (folders in the LEVIR-CD layout A/ B/ label/, e.g. the analysts'
+    # annotation export), drawn as random ``size`` crops with flips/rotations, each folder's pairs ``real_repeat``
+    # times per epoch
+    real_pairs: list | None = None
+    real_repeat: int = 100
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -155,7 +160,9 @@ class TrainConfig:
     cd_model: str | None = None        # dfm: a cd-bit model card; its BIT weights become DFM's CD encoder
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # dfm: TGCL's text side
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)  # sen-pretrain: MoCo-v2
-    backbone_init: str | None = None   # sen: the sen-pretrain backbone (.safetensors) the extractor starts from
+    backbone_init: str | None = None   # sen: the sen-pretrain backbone (.safetensors) the extractor starts from;
+    #                                    pix4cap: "imagenet" (EfficientNet-Lite0 from its package) or a weights file
+    init_from: str | None = None       # pix4cap: a model card of the same architecture and vocabulary to fine-tune
     pair_with: str | None = None       # sen: the change detector (model name or card) written into the card
     data: DataConfig = field(default_factory=DataConfig)
     # semantic-cc: the cd stage's own training/validation set (the paper's D_cd, LEVIR-CD); None = ``data``
@@ -226,6 +233,8 @@ def load_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
         setattr(obj, attr, _resolve(value, base))
     d = cfg.data
     d.backgrounds = [_resolve(v, base) for v in d.backgrounds] if d.backgrounds else d.backgrounds
+    d.real_pairs = [_resolve(v, base) for v in d.real_pairs] if d.real_pairs else d.real_pairs
+    cfg.init_from = _resolve(cfg.init_from, base)
     d.labelled = ([{k: _resolve(v, base) for k, v in item.items()} for item in d.labelled] if d.labelled
                   else d.labelled)
     return cfg

@@ -64,11 +64,19 @@ def _real_change(d: DataConfig, train: bool, progress: bool):
     scenes = load_real_scenes(d.labelled, d.backgrounds or [])
     count, seed = (d.train_pairs, d.first_seed) if train else (d.val_pairs, d.first_seed + VALIDATION_SEED_OFFSET)
     real = RealChangeDataset(scenes, count, d.size, seed, SynthesisConfig(**d.synthesis), d.object_gsd_ratio)
-    if not (train and d.generated_pairs):
+    if not train:
         return real
-    generated = SyntheticChangeDataset(d.generated_pairs, d.size, d.first_seed, d.p_no_change, progress=progress,
-                                       ignore_masks=not d.generated_masks)
-    return ConcatDataset([real, generated])
+    parts = [real]
+    if d.generated_pairs:
+        parts.append(SyntheticChangeDataset(d.generated_pairs, d.size, d.first_seed, d.p_no_change,
+                                            progress=progress, ignore_masks=not d.generated_masks))
+    if d.real_pairs:
+        from .levir import LevirCDDataset
+        from .real_change import RandomCrops
+
+        parts += [RandomCrops(LevirCDDataset(folder, None, crop_size=None), d.size, d.real_repeat, d.first_seed)
+                  for folder in d.real_pairs]
+    return ConcatDataset(parts) if len(parts) > 1 else real
 
 
 def describe_data(d: DataConfig, train_len: int, val_len: int) -> str:
@@ -79,6 +87,9 @@ def describe_data(d: DataConfig, train_len: int, val_len: int) -> str:
     if d.source == "real-change":
         images = ", ".join(Path(item["image"]).name for item in d.labelled or [])
         gen = f" + {d.generated_pairs} generated scenes (captions only)" if d.generated_pairs else ""
+        if d.real_pairs:
+            gen += (f" + real labelled pairs from {', '.join(Path(p).name for p in d.real_pairs)} "
+                    f"({d.real_repeat} random {d.size}² crops per pair and epoch)")
         return (f"change synthesised on real imagery: {d.train_pairs} pairs of {d.size}² px, objects cut along "
                 f"footprints from {images}, pasted into {len(d.backgrounds or []) + len(d.labelled or [])} real "
                 f"background sources{gen}")

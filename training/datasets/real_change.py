@@ -36,7 +36,8 @@ from changescribe.core.annotations import NO_CHANGE_CAPTION
 
 from .common import IMAGE_SUFFIXES
 
-__all__ = ["ObjectCut", "RealScenes", "RealChangeDataset", "load_real_scenes", "cut_objects", "nuisance"]
+__all__ = ["ObjectCut", "RealScenes", "RealChangeDataset", "RandomCrops", "load_real_scenes", "cut_objects",
+           "nuisance"]
 
 
 @dataclass(frozen=True)
@@ -283,11 +284,13 @@ class RealChangeDataset(Dataset):
         if mode == "star" and not self.star_sources:
             mode = "new"
         label = np.zeros((s, s), bool)
-        n_new = 0
+        n_new = n_gone = 0
         if mode == "star":
             (a_img, a_m), (b_img, b_m) = (self._crop(img, rng, m) for img, m in
                                           (self.star_sources[int(j)] for j in rng.integers(len(self.star_sources), size=2)))
             before, after, label = a_img, b_img, a_m ^ b_m
+            n_new = int(ndimage.label(b_m & ~a_m)[1])  # buildings of the after date only: built
+            n_gone = int(ndimage.label(a_m & ~b_m)[1])  # of the before date only: removed
         else:
             base, _ = self._crop(self.scenes.backgrounds[int(rng.integers(len(self.scenes.backgrounds)))], rng)
             before, after = base.copy(), base.copy()
@@ -335,7 +338,7 @@ class RealChangeDataset(Dataset):
             strip = np.rot90(strip, side)
             target[strip] = value
             label[strip] = False
-        caps = captions_for(mode, int(label.sum()), n_new, label)
+        caps = captions_for(mode, int(label.sum()), n_new, label, n_gone)
         return {"before": torch.from_numpy(np.ascontiguousarray(before.transpose(2, 0, 1))),
                 "after": torch.from_numpy(np.ascontiguousarray(after.transpose(2, 0, 1))),
                 "mask": torch.from_numpy(label.astype(np.uint8)), "captions": caps,
@@ -359,14 +362,24 @@ def _where(label: np.ndarray) -> str:
     return " in the middle"
 
 
-def captions_for(mode: str, changed_px: int, objects: int, label: np.ndarray) -> list[str]:
-    """Five reference sentences for a synthesised pair, in LEVIR-CC's words."""
+def captions_for(mode: str, changed_px: int, objects: int, label: np.ndarray, removed: int = 0) -> list[str]:
+    """Five reference sentences for a synthesised pair, in LEVIR-CC's words. ``objects``: buildings that appear
+    (that vanish for ``mode`` "removed"); ``removed``: STAR pairs' buildings of the before date only."""
     if changed_px == 0:
         return [NO_CHANGE_CAPTION, "the scene is the same as before", "no change has occurred",
                 "there is no change", "the two scenes seem identical"]
     where = _where(label)
-    if mode == "star":
-        return [f"some buildings are built and some houses are removed{where}"] * 5
+    if mode == "star":  # both kinds: say the one that dominates, or both
+        if removed > 2 * objects:
+            mode, objects = "removed", removed
+        elif objects > 2 * removed:
+            mode = "new"
+        else:
+            return [f"some buildings are built and some houses are removed{where}",
+                    "some houses are removed and some buildings are built",
+                    f"some houses are built and some buildings are removed{where}",
+                    "some buildings are removed and some houses are built",
+                    f"some buildings are built and some houses are removed{where}"]
     many = objects >= 6
     if mode == "removed":
         subj = "many houses are" if many else ("a house is" if objects == 1 else "some houses are")
@@ -378,3 +391,35 @@ def captions_for(mode: str, changed_px: int, objects: int, label: np.ndarray) ->
     bsubj = "many buildings are" if many else ("a building is" if objects == 1 else "some buildings are")
     return [f"{subj} built{where}", f"{bsubj} built{where}", f"{subj} constructed{where}", f"{subj} built",
             f"{bsubj} constructed{where}"]
+
+
+class RandomCrops(Dataset):
+    """Real labelled pairs (a LEVIR-CD-layout dataset) as ``repeats`` random ``size``² crops each, flipped and
+    rotated alike in both dates and the mask, captioned from the mask (its objects are new buildings)."""
+
+    def __init__(self, pairs: Dataset, size: int, repeats: int, seed: int = 0) -> None:
+        self.pairs, self.size, self.repeats, self.seed = pairs, size, repeats, seed
+
+    def __len__(self) -> int:
+        return len(self.pairs) * self.repeats
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.pairs[i % len(self.pairs)]
+        rng = np.random.default_rng([self.seed, 7, i])
+        h, w = item["mask"].shape
+        s = min(self.size, h, w)
+        y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+        k, flip = int(rng.integers(4)), bool(rng.integers(2))
+
+        def view(t: torch.Tensor) -> torch.Tensor:
+            t = torch.rot90(t[..., y:y + s, x:x + s], k, (-2, -1))
+            return (t.flip(-1) if flip else t).contiguous()
+
+        before, after, mask = view(item["before"]), view(item["after"]), view(item["mask"])
+        if rng.random() < 0.5:  # another look of one date (sensor, light, season)
+            after = torch.from_numpy(np.ascontiguousarray(
+                nuisance(after.numpy().transpose(1, 2, 0), rng, 0.5).transpose(2, 0, 1)))
+        label = mask.numpy().astype(bool)
+        objects = int(ndimage.label(label)[1])
+        return {"before": before, "after": after, "mask": mask,
+                "captions": captions_for("new", int(label.sum()), objects, label), "name": f"{item['name']}_crop{i}"}

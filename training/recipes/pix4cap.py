@@ -68,6 +68,8 @@ def _train(cfg: TrainConfig, out_dir: str | Path, rt: Runtime, resume: bool) -> 
     # backbone_init: "imagenet" (EfficientNet-Lite0: the installed package's weights) or a local weights file
     module, arch_cfg = build_model(cfg.architecture, arch_cfg, input_spec=spec, vocabulary=vocab,
                                    backbone_weights=cfg.backbone_init)
+    if cfg.init_from:
+        _start_from(module, cfg, vocab)
 
     def loss(model, batch: dict, device: torch.device):
         before = normalise(batch["before"].to(device).float(), spec)
@@ -94,3 +96,21 @@ def _train(cfg: TrainConfig, out_dir: str | Path, rt: Runtime, resume: bool) -> 
     task = Task(module, train_set, val_set, loss, validate, score, export, loss_parts=("loss_det", "loss_cap"),
                 val_columns=("IoU", "F1", "BLEU-4", "CIDEr-D"))
     return fit(cfg, task, out_dir, rt, resume)
+
+
+def _start_from(module, cfg: TrainConfig, vocab) -> None:
+    """Fine-tuning: the weights of a model file of the same architecture and vocabulary (e.g. the shipped model,
+    adapted to an analyst's annotation export)."""
+    from changescribe.core.model_file import read_card, read_weights
+
+    card = read_card(cfg.init_from)
+    if card["architecture"] != cfg.architecture:
+        raise ValueError(f"init_from {cfg.init_from} is a {card['architecture']!r} model, not {cfg.architecture!r}")
+    words = (card.get("vocabulary") or {}).get("words")
+    if words is not None and list(words) != vocab.itos:
+        raise ValueError(f"init_from {cfg.init_from} has another vocabulary than this run's")
+    missing, unexpected = module.load_state_dict(read_weights(card), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"init_from {cfg.init_from} does not fit {cfg.architecture}: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    log.info("starting from the weights of %s", cfg.init_from)
