@@ -78,7 +78,7 @@ def test_inference_and_captioning_halve_their_batches(tmp_path, pair):
     result = detect_changes(pair.before, pair.after, model, tmp_path / "halved.gpkg", batch_size=4, device="cpu")
     assert model.batches[:3] == [4, 2, 2]  # the first batch ran in halves; later ones whole
     assert len(result.regions) == len(plain.regions) >= 2
-    assert max(model.caption_batches) > 1 and model.caption_batches.count(1) >= len(result.regions)
+    assert max(model.caption_batches) > 1 and 1 in model.caption_batches  # batches were split down to one
     captions = result.regions.read()["caption"]
     assert all(c.startswith("change seen") for c in captions)
 
