@@ -7,6 +7,7 @@ model's input size. Used by the change pipeline (each detected region) and for a
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import numpy as np
@@ -101,7 +102,10 @@ class RegionCaptioner:
     with hundreds of small regions. Regions are therefore grouped: one that fits in a model footprint (the
     model's tile at its GSD, :func:`context_pixels`) shares one crop, and so one caption, with the other small
     regions whose centres fall in the same footprint-sized cell of the grid; a larger region gets its own crop.
-    Crops are then at most about one per model footprint of changed ground, like the tiles of inference. Each
+    Crops are then at most about one per model footprint of changed ground, like the tiles of inference. When
+    that is still more than :attr:`CROPS_PER_CELL` of the footprint cells of the grid (a scene full of change),
+    the cells grow to 1.5, 2, 3... footprints and the regions that fit in one share it, so captioning costs at most
+    about that share of a model pass per footprint: a fraction of inference, whatever the number of regions. Each
     region records how many regions its caption's crop covers (``caption_regions``: 1 = its own crop, 0 = no
     caption). Only the bounds of the regions are kept (32 bytes each), never their geometry.
 
@@ -110,6 +114,8 @@ class RegionCaptioner:
     """
 
     MARGIN = 1.25  # a crop is this much wider than what it must show
+    CROPS_PER_CELL = 0.35  # at most this many crops per footprint cell of the grid (when cells can grow enough)
+    CELL_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 
     def __init__(self, pair: AlignedPair, model: ChangeModel, enabled: bool = True, beam_size: int = 1,
                  control: RunControl | None = None):
@@ -143,19 +149,30 @@ class RegionCaptioner:
                 self._cells.add(key)
 
     def crops(self) -> int:
-        """How many crops the regions seen so far need (what the captioning stage will cost)."""
-        return self._large + len(self._cells)
+        """About how many crops the regions seen so far need (what the captioning stage will cost)."""
+        return min(self._large + len(self._cells), max(1, int(self._budget())))
+
+    def _budget(self) -> float:
+        cells = math.ceil(self.pair.width / self._ctx) * math.ceil(self.pair.height / self._ctx)
+        return self.CROPS_PER_CELL * cells
+
+    def _groups(self) -> list[list[int]]:
+        """Indexes of the regions that share each crop, at the smallest cell scale within the budget."""
+        for scale in self.CELL_SCALES:
+            groups: dict[object, list[int]] = {}
+            for i, b in enumerate(self._bounds):
+                key = self._cell(b, scale)
+                groups.setdefault(("own", i) if key is None else key, []).append(i)
+            if len(groups) <= self._budget():
+                break
+        return list(groups.values())
 
     def caption_all(self, control: RunControl | None = None) -> list[tuple[int, str, int]]:
         """(region_id, caption, regions sharing that caption's crop) for every region added."""
         control = control or RunControl()
         if not self.enabled or not self._ids:
             return []
-        groups: dict[object, list[int]] = {}
-        for i, b in enumerate(self._bounds):
-            key = self._cell(b)
-            groups.setdefault(("own", i) if key is None else key, []).append(i)
-        members = list(groups.values())
+        members = self._groups()
         windows = []
         for idx in members:
             bs = [self._bounds[i] for i in idx]
@@ -178,14 +195,15 @@ class RegionCaptioner:
         self._largest = next(c for rid, c, _ in out if rid == self._ids[largest])
         return out
 
-    def _cell(self, bounds: Bounds) -> tuple[int, int] | None:
-        """The footprint-sized grid cell of a small region's centre; None for a region wider than a crop."""
+    def _cell(self, bounds: Bounds, scale: float = 1.0) -> tuple[int, int] | None:
+        """The grid cell (``scale`` footprints wide) of a region's centre; None for a region wider than a crop."""
         inv = ~self.pair.grid.transform
         c0, r0 = inv * (bounds[0], bounds[3])
         c1, r1 = inv * (bounds[2], bounds[1])
-        if self.MARGIN * max(c1 - c0, r1 - r0) > self._ctx:
+        side = scale * self._ctx
+        if self.MARGIN * max(c1 - c0, r1 - r0) > side:
             return None
-        return int((r0 + r1) / 2 // self._ctx), int((c0 + c1) / 2 // self._ctx)
+        return int((r0 + r1) / 2 // side), int((c0 + c1) / 2 // side)
 
     def scene(self, count: int, total_area_m2: float) -> tuple[str, str]:
         """(scene caption, summary) once every region has been seen; the summary stands in without a captioner."""
