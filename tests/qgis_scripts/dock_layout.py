@@ -92,7 +92,7 @@ def body(report):
     dock.model_panel.fill_check.setChecked(False)
     report["alignment_fill_off"] = dock.pair.alignment_label.text()
     dock.model_panel.fill_check.setChecked(True)
-    report["run"] = run_and_wait(dock)
+    report["run"] = run_and_wait(dock, timeout=float(os.environ.get("CHANGESCRIBE_TEST_RUN_TIMEOUT", "400")))
     pump(0.5)
     report["width_after_run"] = dock.width()
     report["folded"] = cut_off(dock)
