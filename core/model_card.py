@@ -42,7 +42,7 @@ def summary_metrics(card: dict[str, Any]) -> str:
     chosen: dict[str, dict[str, Any]] = {}
     for name, block in metric_blocks(card):  # test blocks first: they win for their data
         chosen.setdefault(data_label(name, block), block)
-    order = sorted(chosen, key=lambda label: label == GENERATED)
+    order = sorted(chosen, key=_real_first)
     parts = []
     for key in SUMMARY_METRICS:
         values = [(label, chosen[label][key]) for label in order if _number(chosen[label].get(key))]
@@ -55,6 +55,13 @@ def summary_metrics(card: dict[str, Any]) -> str:
     if len(order) == 1 and parts:
         return ", ".join(parts) + f" on {order[0]}"
     return " · ".join(parts)
+
+
+def _real_first(label: str) -> int:
+    """Scores on real data come first, those on generated or synthesised data last."""
+    if label == GENERATED or "synthesised" in label or "synthetic" in label:
+        return 2
+    return 0 if label.startswith("real") else 1
 
 
 def card_summary(card: dict[str, Any]) -> str:

@@ -22,8 +22,9 @@ if TYPE_CHECKING:  # listing models (the Processing parameters, the UI) must not
     from .models.adapter import TorchChangeModel
     from .models.pairing import PairedChangeModel
 
-# The model the plugin, CLI and processing algorithm use unless told otherwise.
-DEFAULT_MODEL = "pix4cap-synthetic"
+# The model the plugin, CLI and processing algorithm use unless told otherwise: the one that works on real imagery
+# (research and non-commercial use only, as its card says); "pix4cap-synthetic" is the redistributable one.
+DEFAULT_MODEL = "pix4cap-lite-real"
 # Extra folders (os.pathsep-separated) searched before the shipped ones; the plugin sets it from Settings.
 MODEL_PATH_ENV = "CHANGESCRIBE_MODEL_PATH"
 

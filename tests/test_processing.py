@@ -231,7 +231,9 @@ def test_model_and_device_by_name_index_or_file(qgis_app, tmp_path, pairs):
     left, bottom, _, _ = pair_bounds(pairs[0].before)
     common = {"BEFORE": str(pairs[0].before), "AFTER": str(pairs[0].after), "THRESHOLD": LOW, "CAPTIONS": False,
               "EXTENT": f"{left},{left + 40},{bottom},{bottom + 40} [EPSG:32633]"}
-    for i, choice in enumerate([{"MODEL": "pix4cap-synthetic", "DEVICE": "cpu"}, {"MODEL": 0, "DEVICE": "1"},
+    names = [c["name"] for c in installed_models()]  # the MODEL enum's options, in this order
+    for i, choice in enumerate([{"MODEL": "pix4cap-synthetic", "DEVICE": "cpu"},
+                                {"MODEL": names.index("pix4cap-synthetic"), "DEVICE": "1"},
                                 {"MODEL": "not-installed", "MODEL_FILE": card, "DEVICE": "auto"}]):
         res = processing.run("changescribe:detectchanges", {**common, **choice, "OUTPUT": str(tmp_path / f"{i}.gpkg")})
         layer = QgsVectorLayer(res["OUTPUT"], "r", "ogr")
@@ -301,8 +303,8 @@ def test_algorithms_document_every_parameter(qgis_app):
         model = alg.parameterDefinition("MODEL")
         if model is None:  # exporttrainingdata: tile size and GSD default to the default model's
             continue
-        assert model.usesStaticStrings() and model.defaultValue() == "pix4cap-synthetic"
-        assert "pix4cap-synthetic" in model.options()
+        assert model.usesStaticStrings() and model.defaultValue() == "pix4cap-lite-real"
+        assert {"pix4cap-lite-real", "pix4cap-synthetic"} <= set(model.options())
     # both algorithms decode with the model's own beam size unless told otherwise (0)
     beams = {a: registry.algorithmById(f"changescribe:{a}").parameterDefinition("BEAM_SIZE").defaultValue()
              for a in ("detectchanges", "captionregions")}

@@ -109,7 +109,10 @@ def record_metrics(card: str | Path, block: str, scores: dict, label: str) -> Pa
     data = json.loads(Path(path).read_text())
     metrics = dict(data.get("metrics") or {})
     if "split" in metrics:  # a card straight from training: its one flat block is the validation
-        metrics = {"validation": metrics}
+        split = str(metrics["split"]).lower()
+        kind = ("synthesised change on real imagery" if "real imagery" in split else
+                "generated scenes" if "synthetic" in split else "the validation split")
+        metrics = {"validation": {"data": kind, **metrics}}
     metrics[block] = {"data": label, "split": scores["data"], "pairs": scores["pairs"],
                       **{k: v for k, v in scores.items() if k not in ("data", "pairs")}}
     data["metrics"] = metrics
