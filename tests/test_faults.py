@@ -590,7 +590,7 @@ class StderrWatch:
                 return
             self.text += chunk
 
-    def wait_for(self, needle: str, timeout: float = 900) -> bool:
+    def wait_for(self, needle: str, timeout: float = 1500) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self.proc.poll() is None:
             if needle in self.text:
@@ -610,6 +610,7 @@ def ours(folder: Path) -> list[str]:
     return sorted(p.name for p in Path(folder).iterdir() if "changescribe" in p.name)
 
 
+@pytest.mark.timeout(2400)  # a 1024² run up to its region stage takes minutes on a loaded 2-core machine
 @pytest.mark.parametrize("sig, code, stage", [
     (signal.SIGTERM, 143, "tile "), (signal.SIGTERM, 143, "regions: "),
     (signal.SIGINT, 130, "tile "), (signal.SIGINT, 130, "regions: ")],
@@ -650,6 +651,7 @@ def child_pids(parent: int) -> list[int]:
     return pids
 
 
+@pytest.mark.timeout(2400)
 def test_dock_worker_killed_during_region_finding_leaves_nothing(tmp_path, big_pair):
     from changescribe.core.api import DetectRequest
     from changescribe.plugin.worker_client import WorkerError, run_worker
@@ -718,6 +720,7 @@ def test_changescribe_clean_removes_stale_temporaries_and_nothing_else(tmp_path)
     assert not any(p.exists() for p in stale) and not stale_dir.exists() and all(p.exists() for p in keep)
 
 
+@pytest.mark.timeout(2400)
 def test_a_cli_killed_with_sigkill_is_cleaned_up_by_changescribe_clean(tmp_path, big_pair):
     out_dir, tmp = tmp_path / "out", tmp_path / "tmp"
     out_dir.mkdir()
