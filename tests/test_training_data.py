@@ -254,7 +254,7 @@ def test_training_splits_get_augmentations_validation_does_not(tmp_path):
 def test_configs_parse_with_nested_augment_and_reject_typos(tmp_path):
     for path in sorted((REPO / "training" / "configs").glob("*.json")):
         load_config(path)
-    cfg = load_config(REPO / "training" / "configs" / "cd_bit_levircd.json", {"data.augment.hue": 0.0})
+    cfg = load_config(REPO / "training" / "configs" / "bit_cd_levircd.json", {"data.augment.hue": 0.0})
     assert cfg.data.augment.geometric and cfg.data.augment.hue == 0.0 and cfg.optim.momentum == 0.99
     bad = tmp_path / "bad.json"
     bad.write_text('{"data": {"augment": {"flip": true}}}')

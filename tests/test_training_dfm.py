@@ -1,5 +1,5 @@
 """The dfm recipe: TGCL's gate, symmetry and logit scale; the local sentence encoder; a short run on synthetic data
-with a cd-bit model injected, exported to a model file the pipeline runs."""
+with a bit-cd model injected, exported to a model file the pipeline runs."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from changescribe.training.synthetic import write_pair
 from changescribe.training.config import load_config
 from changescribe.training.losses import (change_gate, dfm_loss, gated_contrastive_loss,
                                           global_gated_contrastive_loss)
-from changescribe.training.recipes import cd_bit, dfm
+from changescribe.training.recipes import bit_cd, dfm
 from changescribe.training.sentence_encoder import SentenceEncoder, SentenceEncoderMissing, resolve_encoder_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -216,13 +216,13 @@ def test_sentence_encoder_inside_an_installed_package(tiny_encoder_dir, tmp_path
 # ---- the recipe end to end ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bit_card(tmp_path_factory) -> Path:
-    """A real cd-bit model file: the cd-bit recipe for one short epoch on 32 px synthetic pairs."""
+    """A real bit-cd model file: the bit-cd recipe for one short epoch on 32 px synthetic pairs."""
     run = tmp_path_factory.mktemp("bit")
-    cfg = load_config(CONFIGS / "cd_bit_synthetic.json",
+    cfg = load_config(CONFIGS / "bit_cd_synthetic.json",
                       {"data.train_pairs": 4, "data.val_pairs": 2, "data.size": 32, "tile_size": 32,
                        "optim.batch_size": 4, "optim.epochs": 1, "model_name": "bit-for-dfm",
                        "config_overrides": {"dec_depth": 1, "feature_dim": 16}, **QUIET})
-    return cd_bit.train(cfg, run)
+    return bit_cd.train(cfg, run)
 
 
 def _dfm_config(bit_card: Path, encoder: Path, **over):
@@ -247,7 +247,7 @@ def test_dfm_short_epoch_injects_the_cd_model_and_exports_a_model_the_pipeline_r
     assert c["config"]["cd_overrides"] == {"feature_dim": 16, "dec_depth": 1}
     assert c["training"]["cd_model"] == {"name": "bit-for-dfm", "sha256": bit["sha256"]}
     assert c["input"]["mean"] == bit["input"]["mean"] and c["recipe"]["loss_weights"] == {"caption": 1.0, "tgcl": 1.0}
-    # the injected BIT stayed frozen: the exported DFM holds the cd-bit file's weights unchanged
+    # the injected BIT stayed frozen: the exported DFM holds the bit-cd file's weights unchanged
     trained, source = load_model_file(card), load_model_file(bit_card)
     src = source.module.state_dict()
     for k, v in trained.module.cd.state_dict().items():

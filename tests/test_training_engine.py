@@ -1,5 +1,5 @@
 """training/engine.py and the recipes on it: exact resume, DDP with two gloo processes, gradient accumulation,
-the cd-bit recipe end to end through the pipeline, and the Pix4Cap pseudo-label step feeding pix4cap."""
+the bit-cd recipe end to end through the pipeline, and the Pix4Cap pseudo-label step feeding pix4cap."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from changescribe.training.synthetic import make_pair, write_pair
 from changescribe.training.config import load_config
 from changescribe.training.engine import amp_dtype, epoch_seed
 from changescribe.training.pseudo_labels import write_pseudo_labels
-from changescribe.training.recipes import cd_bit, pix4cap
+from changescribe.training.recipes import bit_cd, pix4cap
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "training" / "configs"
@@ -41,12 +41,12 @@ def _rows(run: Path) -> list[dict]:
 def test_two_epochs_equal_one_epoch_plus_resume(tmp_path):
     # Augmentations on (flips, jitter, time swap) and a linear schedule: everything random must resume exactly.
     over = {**TINY_BIT, "optim.epochs": 2}
-    cfg = load_config(CONFIGS / "cd_bit_synthetic.json", over)
-    cd_bit.train(cfg, tmp_path / "straight")
+    cfg = load_config(CONFIGS / "bit_cd_synthetic.json", over)
+    bit_cd.train(cfg, tmp_path / "straight")
     # the same run interrupted after its first epoch (max_steps = one epoch), then resumed
-    cd_bit.train(load_config(CONFIGS / "cd_bit_synthetic.json", {**over, "optim.max_steps": 2}), tmp_path / "resumed")
+    bit_cd.train(load_config(CONFIGS / "bit_cd_synthetic.json", {**over, "optim.max_steps": 2}), tmp_path / "resumed")
     assert torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)["epoch"] == 0
-    cd_bit.train(cfg, tmp_path / "resumed", resume=True)
+    bit_cd.train(cfg, tmp_path / "resumed", resume=True)
     a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 1 and a["step"] == b["step"] == 4
@@ -57,11 +57,11 @@ def test_two_epochs_equal_one_epoch_plus_resume(tmp_path):
     assert _rows(tmp_path / "straight")[1]["loss"] == _rows(tmp_path / "resumed")[1]["loss"]
 
 
-def test_cd_bit_short_epoch_exports_a_model_the_pipeline_runs(tmp_path):
-    cfg = load_config(CONFIGS / "cd_bit_synthetic.json",
+def test_bit_cd_short_epoch_exports_a_model_the_pipeline_runs(tmp_path):
+    cfg = load_config(CONFIGS / "bit_cd_synthetic.json",
                       {**TINY_BIT, "data.size": 64, "tile_size": 64, "optim.batch_size": 2, "optim.accumulate": 2,
                        "log.plot": True, "model_name": "bit-tiny-test"})
-    card = cd_bit.train(cfg, tmp_path / "run")
+    card = bit_cd.train(cfg, tmp_path / "run")
     rows = _rows(tmp_path / "run")
     assert len(rows) == 1 and rows[0]["step"] == "2"  # 8 pairs / batch 2 = 4 batches = 2 accumulated steps
     assert {"loss_ce", "loss_dice", "val_F1", "val_IoU", "val_OA"} <= set(rows[0])
@@ -79,7 +79,7 @@ def test_cd_bit_short_epoch_exports_a_model_the_pipeline_runs(tmp_path):
 
 def test_ddp_two_cpu_processes(tmp_path):
     out = tmp_path / "ddp"
-    args = [sys.executable, "-m", "changescribe.training", "cd-bit", "--config", str(CONFIGS / "cd_bit_synthetic.json"),
+    args = [sys.executable, "-m", "changescribe.training", "bit-cd", "--config", str(CONFIGS / "bit_cd_synthetic.json"),
             "--out", str(out), "--device", "cpu", "--ddp", "--nproc", "2"]
     for k, v in {**TINY_BIT, "data.train_pairs": 16, "model_name": "bit-ddp"}.items():
         args += ["--set", f"{k}={json.dumps(v)}"]

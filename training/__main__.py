@@ -1,7 +1,7 @@
 """``python -m changescribe.training <recipe> --config FILE --out DIR``: train one recipe, export a model file.
 
-Recipes: ``pix4cap`` (change mask + caption), ``cd-bit`` (BIT change detector), ``dfm`` (DFM: caption + TGCL
-on a pre-trained cd-bit encoder), ``semantic-cc`` (Semantic-CC, three stages per epoch), ``sen-pretrain`` (SEN
+Recipes: ``pix4cap`` (change mask + caption), ``bit-cd`` (BIT change detector), ``dfm`` (DFM: caption + TGCL
+on a pre-trained bit-cd encoder), ``semantic-cc`` (Semantic-CC, three stages per epoch), ``sen-pretrain`` (SEN
 stage 1: MoCo-v2 on unlabelled multi-date tiles -> a backbone file) and ``sen`` (SEN stage 2: captioning from it);
 ``pseudo-labels`` (a CD model labels LEVIR-CC for pix4cap); ``eval`` (the metric table of a model file).
 ``--ddp`` trains on all visible GPUs (or ``--nproc`` CPU processes) with DistributedDataParallel under torchrun.
@@ -14,15 +14,17 @@ import json
 import logging
 import sys
 
-RECIPES = ("pix4cap", "cd-bit", "dfm", "semantic-cc", "sen-pretrain", "sen", "pseudo-labels", "eval")
-TRAINERS = {"pix4cap": "pix4cap", "cd-bit": "cd_bit", "dfm": "dfm", "semantic-cc": "semantic_cc",
+RECIPES = ("pix4cap", "bit-cd", "dfm", "semantic-cc", "sen-pretrain", "sen", "pseudo-labels", "eval")
+# Earlier names of recipes, still accepted on the command line and in configs (and so in a card's recipe).
+RECIPE_ALIASES = {"cd-bit": "bit-cd"}
+TRAINERS = {"pix4cap": "pix4cap", "bit-cd": "bit_cd", "dfm": "dfm", "semantic-cc": "semantic_cc",
             "sen-pretrain": "sen_pretrain", "sen": "sen"}
 
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m changescribe.training", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("recipe", choices=RECIPES, help="a recipe to train, pseudo-labels, or eval")
+    ap.add_argument("recipe", choices=RECIPES + tuple(RECIPE_ALIASES), help="a recipe to train, pseudo-labels, or eval")
     ap.add_argument("model", nargs="?", help="eval: the model card (or model name) to evaluate")
     ap.add_argument("--config", help="JSON recipe config (see training/configs/)")
     ap.add_argument("--out", help="run folder (checkpoints, log.csv, curves.png, the model file); "
@@ -47,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="--record into this model card instead of MODEL's (e.g. a leave-one-dataset-out fold's "
                          "held-out scores into the card of the model trained on all data)")
     pl = ap.add_argument_group("pseudo-labels")
-    pl.add_argument("--cd-model", help="the change detector's model card (e.g. from the cd-bit recipe)")
+    pl.add_argument("--cd-model", help="the change detector's model card (e.g. from the bit-cd recipe)")
     pl.add_argument("--data", help="eval: a dataset folder in the LEVIR-CD layout (A/, B/, label/) or the LEVIR-CC "
                                    "layout; pseudo-labels: the LEVIR-CC root (images/<split>/{A,B})")
     pl.add_argument("--captions", help="caption file (default DATA/LevirCCcaptions.json)")
@@ -130,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = _parser()
     args = ap.parse_args(argv)
+    args.recipe = RECIPE_ALIASES.get(args.recipe, args.recipe)
     _refuse_ignored(ap, args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ddp and not under_torchrun():
         return _relaunch_under_torchrun(argv, args.nproc, args.device)
     cfg = load_config(args.config, _overrides(args.set))
-    if cfg.recipe != args.recipe.replace("-", "_") and cfg.recipe != args.recipe:
+    if RECIPE_ALIASES.get(cfg.recipe, cfg.recipe) not in (args.recipe, args.recipe.replace("-", "_")):
         ap.error(f"{args.config} is a {cfg.recipe!r} config, not {args.recipe!r}")
     if cfg.data_cd is not None and args.recipe != "semantic-cc":
         ap.error(f"data_cd (a separate change-detection set) is read by semantic-cc only, not by {args.recipe}")

@@ -155,9 +155,9 @@ class TrainConfig:
     tile_size: int = 256
     gsd: float | None = 0.5
     seed: int = 42
-    loss: str = "ce"                   # change-mask loss of cd-bit and pix4cap: ce | ce+dice
+    loss: str = "ce"                   # change-mask loss of bit-cd and pix4cap: ce | ce+dice
     loss_weights: dict = field(default_factory=dict)  # weights of a recipe's loss terms (dfm: caption, tgcl)
-    cd_model: str | None = None        # dfm: a cd-bit model card; its BIT weights become DFM's CD encoder
+    cd_model: str | None = None        # dfm: a bit-cd model card; its BIT weights become DFM's CD encoder
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # dfm: TGCL's text side
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)  # sen-pretrain: MoCo-v2
     backbone_init: str | None = None   # sen: the sen-pretrain backbone (.safetensors) the extractor starts from;

@@ -22,7 +22,7 @@ from .backbones import ResNetBackbone
 
 
 @dataclass
-class BITConfig:
+class BitCDConfig:
     backbone: str = "resnet18"
     in_channels: int = 3
     backbone_stages: int = 3  # layer1..layer3 ("S4" = four ResNet stages counting the stem)
@@ -56,22 +56,22 @@ class PreNormBlock(nn.Module):
 
 
 @dataclass
-class BITFeatures:
-    """What :meth:`BITChangeDetector.encode` returns: refined pixel features of both dates."""
+class BitCDFeatures:
+    """What :meth:`BitCD.encode` returns: refined pixel features of both dates."""
 
     x1: torch.Tensor
     x2: torch.Tensor
     size: tuple[int, int]
 
 
-class BITChangeDetector(nn.Module):
+class BitCD(nn.Module):
     """BIT change detector; ``forward(before, after)`` -> logits (B, num_classes, H, W) on normalised input."""
 
     can_caption = False
 
-    def __init__(self, cfg: BITConfig | None = None, backbone_weights: str | None = None) -> None:
+    def __init__(self, cfg: BitCDConfig | None = None, backbone_weights: str | None = None) -> None:
         super().__init__()
-        cfg = cfg or BITConfig()
+        cfg = cfg or BitCDConfig()
         self.cfg = cfg
         self.backbone = ResNetBackbone(cfg.backbone, cfg.in_channels, cfg.backbone_stages, cfg.output_stride,
                                        backbone_weights)
@@ -98,7 +98,7 @@ class BITChangeDetector(nn.Module):
         attn = self.tokenizer(x).flatten(2).softmax(-1)  # (B, L, HW) spatial attention per token
         return torch.einsum("bln,bcn->blc", attn, x.flatten(2))
 
-    def encode(self, before: torch.Tensor, after: torch.Tensor) -> BITFeatures:
+    def encode(self, before: torch.Tensor, after: torch.Tensor) -> BitCDFeatures:
         b = before.shape[0]
         feats = self._features(torch.cat([before, after], 0))  # shared (siamese) weights, one pass
         tokens = self._tokens(feats)
@@ -112,9 +112,9 @@ class BITChangeDetector(nn.Module):
         for blk in self.decoder:
             x = blk(x, ctx)
         x = x.transpose(1, 2).reshape(2 * b, c, h, w)
-        return BITFeatures(x[:b], x[b:], (before.shape[-2], before.shape[-1]))
+        return BitCDFeatures(x[:b], x[b:], (before.shape[-2], before.shape[-1]))
 
-    def change_logits(self, feats: BITFeatures) -> torch.Tensor:
+    def change_logits(self, feats: BitCDFeatures) -> torch.Tensor:
         d = (feats.x1 - feats.x2).abs()
         d = F.interpolate(d, size=feats.size, mode="bilinear", align_corners=False)
         return self.head(d)

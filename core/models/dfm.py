@@ -10,7 +10,7 @@ What the paper fixes and this module implements:
   space (:meth:`DFM.project_text`) and the learnable logit scale of the similarity matrix
   (``logit_scale``, CLIP's initialisation 1/0.07). The loss (gating of "no change" captions, symmetric
   cross-entropy) belongs to training/ and is not here;
-* a **pre-trained change-detection encoder**: a complete :class:`BITChangeDetector` lives in ``self.cd`` so
+* a **pre-trained change-detection encoder**: a complete :class:`BitCD` lives in ``self.cd`` so
   the weights of any ``bit-cd`` model file load into it unchanged (the DFM recipe's ``load_cd_weights``), frozen by
   default ("stable change detection knowledge"). Because the whole BIT is inside, DFM also predicts the
   change mask (``change_logits`` = BIT's head) and needs no pairing;
@@ -50,7 +50,7 @@ from torch import nn
 
 from .attention import CrossAttentionBlock, LearnedPosition2D
 from .caption_decoder import CaptionDecoder
-from .change_detector import BITChangeDetector, BITConfig, BITFeatures, PreNormBlock
+from .bit_cd import BitCD, BitCDConfig, BitCDFeatures, PreNormBlock
 from .pretrained import load_clip_vision, may_read_checkpoint
 from .vit import ClipViT
 
@@ -73,7 +73,7 @@ class DFMConfig:
     st_layers: int = 3  # Eq. 7 spatio-temporal layers
     jfm_layers: int = 1  # cross-attn (CD prior) + bidirectional self-attn rounds
     cd_grid: int = 16  # CD prior tokens per side
-    # the pre-trained change detector (BITConfig fields that differ from bit-cd's defaults)
+    # the pre-trained change detector (BitCDConfig fields that differ from bit-cd's defaults)
     cd_overrides: dict = field(default_factory=dict)
     freeze_cd: bool = True
     # TGCL heads
@@ -117,7 +117,7 @@ class DFMFeatures:
 
     memory: torch.Tensor  # (B, N, D)
     cls: tuple[torch.Tensor, torch.Tensor]  # (B, width) each
-    cd: BITFeatures
+    cd: BitCDFeatures
 
 
 class DFM(nn.Module):
@@ -133,9 +133,9 @@ class DFM(nn.Module):
         d = cfg.d_model
         self.vit = ClipViT(cfg.in_channels, cfg.vit_patch, cfg.vit_width, cfg.vit_layers, cfg.vit_heads,
                            grid=cfg.vit_grid, activation=cfg.vit_activation)
-        bit_cfg = dataclasses.replace(BITConfig(), in_channels=cfg.in_channels, **dict(cfg.cd_overrides))
+        bit_cfg = dataclasses.replace(BitCDConfig(), in_channels=cfg.in_channels, **dict(cfg.cd_overrides))
         # backbone_weights (ImageNet ResNet, local file) go to the CD encoder's backbone
-        self.cd = BITChangeDetector(bit_cfg, backbone_weights)
+        self.cd = BitCD(bit_cfg, backbone_weights)
         self.vis_proj = nn.Identity() if cfg.vit_width == d else nn.Linear(cfg.vit_width, d)
         self.pos = LearnedPosition2D(d, cfg.max_grid)
         self.time = nn.Parameter(torch.zeros(2, d))
@@ -166,7 +166,7 @@ class DFM(nn.Module):
         load_clip_vision(self.vit, path, self.cfg.vit_activation)
 
     # ---- encoder -------------------------------------------------------------------------------------
-    def _cd_prior(self, cd: BITFeatures) -> torch.Tensor:
+    def _cd_prior(self, cd: BitCDFeatures) -> torch.Tensor:
         g = self.cfg.cd_grid
         x = torch.cat([cd.x1, cd.x2, cd.x2 - cd.x1], 1)
         x = F.adaptive_avg_pool2d(x, (g, g)).flatten(2).transpose(1, 2)

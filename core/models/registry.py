@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .change_detector import BITChangeDetector, BITConfig
+from .bit_cd import BitCD, BitCDConfig
 from .dfm import DFM, DFMConfig
 from .pix4cap import Pix4Cap, Pix4CapConfig
 from .semantic_cc import WEIGHTS_NOTE, SemanticCC, SemanticCCConfig, sam_config
@@ -134,7 +134,7 @@ PIX4CAP_TINY = Pix4CapConfig(backbone="resnet18", backbone_stages=3, btf_channel
                              head_channels=16, d_model=256, heads=8, ffn_dim=512, sfa_layers=1, decoder_layers=1,
                              dropout=0.1)
 
-register(ModelEntry("bit-cd", BITChangeDetector, BITConfig(), BIT_PAPER,
+register(ModelEntry("bit-cd", BitCD, BitCDConfig(), BIT_PAPER,
                     "BIT change detector (ResNet-18 S4, 4 tokens, encoder 1 / decoder 8): change mask only.", False))
 register(ModelEntry("pix4cap", Pix4Cap, Pix4CapConfig(), PIX4CAP_PAPER,
                     "Pix4Cap, paper configuration (ResNet-34 for the paper's 'ResNet32', d_model 512): "

@@ -1,4 +1,4 @@
-"""cd-bit recipe: the BIT change detector (registry ``bit-cd``) trained on change masks.
+"""bit-cd recipe: the BIT change detector (registry ``bit-cd``) trained on change masks.
 
 Data: LEVIR-CD (``levircd``, 256² crops of the 1024² images), LEVIR-MCI / the annotation export
 (``levirmci``, any change class -> change), LEVIR-CC with pseudo-labels (``levircc``), or synthetic pairs.
@@ -57,10 +57,10 @@ def _train(cfg: TrainConfig, out_dir: str | Path, rt: Runtime, resume: bool) -> 
     seed_everything(cfg.seed)
     entry = get_entry(cfg.architecture)
     if entry.captions:
-        raise ValueError(f"cd-bit trains change detectors; {cfg.architecture!r} is a captioner "
+        raise ValueError(f"bit-cd trains change detectors; {cfg.architecture!r} is a captioner "
                          "(use its own recipe)")
     if cfg.loss not in ("ce", "ce+dice"):
-        raise ValueError(f"cd-bit: loss must be 'ce' or 'ce+dice', got {cfg.loss!r}")
+        raise ValueError(f"bit-cd: loss must be 'ce' or 'ce+dice', got {cfg.loss!r}")
     d = cfg.data
     train_set = build_dataset(d, d.train_split, train=True, progress=rt.main)
     val_set = build_dataset(d, d.val_split, progress=rt.main)

@@ -2,7 +2,7 @@
 
 What the paper fixes (Sec. III-B, III-C, IV-A) and where it is here:
 
-* **Pre-trained CD encoder.** ``cd_model`` names a ``bit-cd`` model file (the cd-bit recipe's output). Its
+* **Pre-trained CD encoder.** ``cd_model`` names a ``bit-cd`` model file (the bit-cd recipe's output). Its
   BIT configuration becomes ``DFMConfig.cd_overrides`` and its weights are loaded into ``DFM.cd``
   (safetensors, sha256-checked, never unpickled); it stays frozen ("stable change detection knowledge",
   ``DFMConfig.freeze_cd``). The exported DFM therefore predicts masks with that BIT's head, and inputs are
@@ -43,7 +43,7 @@ from changescribe.core.model_api import InputSpec, normalise
 from changescribe.core.model_file import read_card
 from changescribe.core.model_loading import load_model_file
 from changescribe.core.models.adapter import TorchChangeModel
-from changescribe.core.models.change_detector import BITConfig
+from changescribe.core.models.bit_cd import BitCDConfig
 from changescribe.core.models.dfm import DFM
 from changescribe.core.models.registry import build_model, config_from_dict, get_entry
 
@@ -87,12 +87,12 @@ def loss_weights(cfg: TrainConfig) -> dict[str, float]:
 
 
 def cd_overrides_from_card(card: dict) -> dict:
-    """The BIT fields of a ``bit-cd`` card that differ from BITConfig's defaults (in_channels follows DFM)."""
+    """The BIT fields of a ``bit-cd`` card that differ from BitCDConfig's defaults (in_channels follows DFM)."""
     if card["architecture"] != "bit-cd":
         raise ValueError(f"{card['_card_path']}: DFM's CD encoder is BIT; the file holds {card['architecture']!r}")
     bit = config_from_dict("bit-cd", card["config"])
-    default = BITConfig()
-    return {f.name: getattr(bit, f.name) for f in dataclasses.fields(BITConfig)
+    default = BitCDConfig()
+    return {f.name: getattr(bit, f.name) for f in dataclasses.fields(BitCDConfig)
             if f.name != "in_channels" and getattr(bit, f.name) != getattr(default, f.name)}
 
 
@@ -152,7 +152,7 @@ def _train(cfg: TrainConfig, out_dir: str | Path, rt: Runtime, resume: bool) -> 
     if clip is None and rt.main:
         log.warning("dfm: no config_overrides.clip_checkpoint - the ViT starts from random weights, not CLIP's")
     if not cfg.cd_model:
-        raise ValueError("dfm needs cd_model: a bit-cd model file (train one with the cd-bit recipe), whose "
+        raise ValueError("dfm needs cd_model: a bit-cd model file (train one with the bit-cd recipe), whose "
                          "weights become DFM's pre-trained CD encoder")
     cd_card = read_card(cfg.cd_model)
     cd_overrides = cd_overrides_from_card(cd_card)
