@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print_table(scores)
         if args.record:
-            card = record_metrics(args.record_to or args.model, *args.record, scores)
+            card = record_metrics(args.record_to or args.model, args.record[0], scores, args.record[1])
             print(f"recorded as metrics[{args.record[0]!r}] in {card}")
         return 0
     if args.recipe == "pseudo-labels":

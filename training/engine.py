@@ -380,7 +380,8 @@ def export_model_file(cfg: TrainConfig, out_dir: str | Path, module, arch_cfg, s
         Path(out_dir) / cfg.model_name, module, cfg.architecture, arch_cfg, spec, vocabulary, name=cfg.model_name,
         version=cfg.model_version, licence=cfg.licence, training_data=cfg.training_data or described,
         metrics={"split": split, **{k: round(v, 4) for k, v in metrics.items()}},
-        recipe=cfg.to_dict(), data=dataclasses.asdict(d), training=run, **card_fields)
+        recipe=cfg.to_dict(), data=dataclasses.asdict(d), training=run,
+        **({"weights_terms": cfg.weights_terms} if cfg.weights_terms else {}), **card_fields)
 
 
 Feed = tuple[DataLoader, DistributedSampler, int]  # a stage's loader, its sampler, its batches per epoch
