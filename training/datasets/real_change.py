@@ -32,7 +32,7 @@ import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
 
-from changescribe.core.annotations import NO_CHANGE_CAPTION
+from changescribe.core.annotations import NO_CHANGE_CAPTIONS
 
 from .common import IMAGE_SUFFIXES
 
@@ -366,8 +366,7 @@ def captions_for(mode: str, changed_px: int, objects: int, label: np.ndarray, re
     """Five reference sentences for a synthesised pair, in LEVIR-CC's words. ``objects``: buildings that appear
     (that vanish for ``mode`` "removed"); ``removed``: STAR pairs' buildings of the before date only."""
     if changed_px == 0:
-        return [NO_CHANGE_CAPTION, "the scene is the same as before", "no change has occurred",
-                "there is no change", "the two scenes seem identical"]
+        return list(NO_CHANGE_CAPTIONS)
     where = _where(label)
     if mode == "star":  # both kinds: say the one that dominates, or both
         if removed > 2 * objects:
