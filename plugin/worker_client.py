@@ -58,27 +58,38 @@ def _popen(python: str, args: list[str], env: dict[str, str], cwd: str) -> subpr
         raise WorkerError(f"cannot start the worker Python {python}: {exc.strerror or exc}", "dependency") from None
 
 
-def probe_python(python: str, plugin_parent: str = PLUGIN_PARENT, timeout: float = 120.0) -> dict[str, Any]:
-    """The worker's ``--probe`` answer (PyTorch version, CUDA, GPU name, missing modules)."""
-    tmp = tempfile.mkdtemp(prefix="changescribe-probe-")
+def _one_shot(python: str, flag: str, stdin: str | None, timeout: float, late: str, kind: str,
+              plugin_parent: str) -> tuple[list[dict[str, Any]], str, int]:
+    """Run the worker once with ``flag`` in a temporary folder of its own: (its JSON events, the last line of its
+    stderr, its exit code). Past ``timeout`` it is killed and ``late`` is raised as a :class:`WorkerError`."""
+    tmp = tempfile.mkdtemp(prefix=f"changescribe-{flag.strip('-')}-")
     try:
-        proc = _popen(python, ["--probe"], worker_environment(plugin_parent, tmp), tmp)
+        proc = _popen(python, [flag], worker_environment(plugin_parent, tmp), tmp)
         try:
-            out, err = proc.communicate(timeout=timeout)
+            out, err = proc.communicate(stdin, timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
-            raise WorkerError(f"{python} did not answer within {timeout:.0f} s", "dependency") from None
+            raise WorkerError(f"{python} {late} within {timeout:.0f} s", kind) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    events = []
     for line in out.splitlines():
         try:
             event = json.loads(line)
         except ValueError:
             continue
-        if isinstance(event, dict) and event.get("event") == "probe":
+        if isinstance(event, dict):
+            events.append(event)
+    return events, (err.strip().splitlines() or ["no output"])[-1], proc.returncode
+
+
+def probe_python(python: str, plugin_parent: str = PLUGIN_PARENT, timeout: float = 120.0) -> dict[str, Any]:
+    """The worker's ``--probe`` answer (PyTorch version, CUDA, GPU name, missing modules)."""
+    events, tail, _ = _one_shot(python, "--probe", None, timeout, "did not answer", "dependency", plugin_parent)
+    for event in events:
+        if event.get("event") == "probe":
             return event
-    tail = (err.strip().splitlines() or ["no output"])[-1]
     raise WorkerError(f"{python} cannot run ChangeScribe's worker: {tail}", "dependency")
 
 
@@ -86,28 +97,14 @@ def suggest_in_python(python: str, job: dict[str, Any], plugin_parent: str = PLU
                       timeout: float = 600.0) -> str:
     """The Annotate panel's suggested caption, computed by the worker in ``python`` (``--suggest``); raises
     :class:`WorkerError` with the worker's message and kind when it could not."""
-    tmp = tempfile.mkdtemp(prefix="changescribe-suggest-")
-    try:
-        proc = _popen(python, ["--suggest"], worker_environment(plugin_parent, tmp), tmp)
-        try:
-            out, err = proc.communicate(json.dumps(job) + "\n", timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise WorkerError(f"{python} did not suggest a caption within {timeout:.0f} s", "internal") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    for line in out.splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(event, dict) and event.get("event") == "suggestion":
+    events, tail, code = _one_shot(python, "--suggest", json.dumps(job) + "\n", timeout,
+                                   "did not suggest a caption", "internal", plugin_parent)
+    for event in events:
+        if event.get("event") == "suggestion":
             return str(event.get("caption") or "")
-        if isinstance(event, dict) and event.get("event") == "error":
+        if event.get("event") == "error":
             raise WorkerError(event.get("message") or "the worker failed", event.get("kind") or "error")
-    tail = (err.strip().splitlines() or ["no output"])[-1]
-    raise WorkerError(f"the worker stopped (exit code {proc.returncode}) without a suggestion: {tail}", "internal")
+    raise WorkerError(f"the worker stopped (exit code {code}) without a suggestion: {tail}", "internal")
 
 
 def _pump(stream, sink: Callable[[str], None]) -> None:
