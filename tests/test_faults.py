@@ -322,8 +322,9 @@ def test_non_finite_pixels_are_no_data_and_detection_elsewhere_holds(tmp_path, p
     clean_b, clean_a = float_copy(pair.before, tmp_path / "b.tif"), float_copy(pair.after, tmp_path / "a.tif")
     dirty_b = float_copy(pair.before, tmp_path / "b_bad.tif", bad)
     kw = dict(device="cpu", captions=False, threshold=0.5)
-    clean = detect_changes(clean_b, clean_a, "default", tmp_path / "clean.gpkg", **kw)
-    dirty = detect_changes(dirty_b, clean_a, "default", tmp_path / "dirty.gpkg", **kw)
+    # the generated-scenes model: these pairs are generated scenes, whose changes it was taught
+    clean = detect_changes(clean_b, clean_a, "pix4cap-synthetic", tmp_path / "clean.gpkg", **kw)
+    dirty = detect_changes(dirty_b, clean_a, "pix4cap-synthetic", tmp_path / "dirty.gpkg", **kw)
     assert len(clean.regions) > 0
     with rasterio.open(dirty_b) as ds:
         corner = box(ds.bounds.left, ds.bounds.top - 40 * 0.5, ds.bounds.left + 40 * 0.5, ds.bounds.top)
