@@ -277,6 +277,8 @@ def test_processing_exports_annotations_added_through_a_qgis_edit_buffer(qgis_ap
 def test_dock_annotate_section_in_qgis_desktop(tmp_path):
     from test_dock import run_qgis  # the team's desktop-QGIS driver (tests/ is on sys.path)
 
+    from changescribe.core.model_loading import DEFAULT_MODEL
+
     r = run_qgis(tmp_path, "annot_dock.py", with_torch=True, timeout=400)
     assert r["collapsed"] and r["created"] and r["tool_active"], r
     assert r["area"] and r["suggestion_started"]
@@ -286,7 +288,7 @@ def test_dock_annotate_section_in_qgis_desktop(tmp_path):
     first, second = r["stored"]
     assert first["caption"] == "two new houses are built in the middle" and first["edited"]
     assert first["class"] == "building" and not first["no_change"] and first["before"].endswith("annot_before.tif")
-    assert first["model"] == "pix4cap-synthetic" and first["area"] > 0
+    assert first["model"] == DEFAULT_MODEL and first["area"] > 0  # the dock suggests with the default model
     assert second["no_change"] and second["caption"] == "there is no difference" and second["class"] is None
     assert r["export_params"]["ANNOTATIONS"] == "QgsVectorLayer"
     assert not r["ro_opened"] and "read-only" in r["ro_status"]
