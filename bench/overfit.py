@@ -62,6 +62,8 @@ _SEMANTIC_CC = dict(embed_dim=96, depth=2, vit_heads=4, global_attn_indexes=(1,)
 TINY: dict[str, dict] = {
     "bit-cd": dict(dec_depth=2),
     "pix4cap": _PIX4CAP, "pix4cap-tiny": _PIX4CAP,
+    # its own EfficientNet-Lite0 (no ImageNet weights here, so nothing frozen), the tiny caption branch
+    "pix4cap-lite": dict(backbone_frozen=0, d_model=128, heads=4, ffn_dim=256, dropout=0.1),
     "sen": _SEN, "sen-small": _SEN,
     "dfm": _DFM, "dfm-small": _DFM,
     "semantic-cc-vit-l": _SEMANTIC_CC, "semantic-cc-vit-b": _SEMANTIC_CC, "semantic-cc-small": _SEMANTIC_CC,
