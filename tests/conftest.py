@@ -46,6 +46,17 @@ def qgis_app():
     yield app
 
 
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory) -> tuple[str, str]:
+    """The shipped sample pair, copied: QGIS writes .aux.xml statistics beside rasters it opens."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("sample")
+    for name in ("sample_before.tif", "sample_after.tif"):
+        shutil.copyfile(REPO / "resources" / "sample" / name, root / name)
+    return str(root / "sample_before.tif"), str(root / "sample_after.tif")
+
+
 def write_geotiff(path: Path, data: np.ndarray, crs: str = "EPSG:32633",
                   transform=None, nodata: float | None = None) -> Path:
     """A real GeoTIFF on disk from a (bands, H, W) array."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,17 +20,8 @@ from changescribe.core.cli import REQUEST_ARGUMENTS, build_parser, detect_reques
 from changescribe.core.errors import InputError
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLE = REPO / "resources" / "sample"
 CARD = str(REPO / "resources" / "models" / "pix4cap-synthetic.json")
 RECT = (500010.0, 4999700.0, 500200.0, 4999950.0)  # xmin, ymin, xmax, ymax inside the sample pair, EPSG:32633
-
-
-@pytest.fixture(scope="module")
-def sample(tmp_path_factory) -> tuple[str, str]:
-    root = tmp_path_factory.mktemp("sample")
-    for name in ("sample_before.tif", "sample_after.tif"):
-        shutil.copyfile(SAMPLE / name, root / name)
-    return str(root / "sample_before.tif"), str(root / "sample_after.tif")
 
 
 def test_request_round_trips_through_json_and_refuses_unknown_options():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -22,19 +21,9 @@ from shapely.geometry import box
 from changescribe.training.synthetic import write_pair
 
 REPO = Path(__file__).resolve().parent.parent
-SAMPLE = REPO / "resources" / "sample"
 LOW = 0.01  # every model (even an untrained stand-in) reports change somewhere at this threshold
 DATA_URI = '<img src="data:image/png;base64,'
 TOLERANCE_M = 1.0  # pixel-centre masking + simplification may reach half a pixel (0.25 m) past an AOI edge
-
-
-@pytest.fixture(scope="module")
-def sample(tmp_path_factory) -> tuple[str, str]:
-    """The shipped sample pair, copied: QGIS writes .aux.xml statistics beside rasters it opens."""
-    root = tmp_path_factory.mktemp("sample")
-    for name in ("sample_before.tif", "sample_after.tif"):
-        shutil.copyfile(SAMPLE / name, root / name)
-    return str(root / "sample_before.tif"), str(root / "sample_after.tif")
 
 
 @pytest.fixture(scope="module")
