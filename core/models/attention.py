@@ -140,3 +140,24 @@ class CrossAttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x + self.drop(self.attn(x, context)))
         return self.norm2(h + self.drop(self.ffn(h)))
+
+
+class PreNormBlock(nn.Module):
+    """x + Attn(LN(x), LN(ctx)) then x + MLP(LN(x)); self-attention when no context is given.
+
+    The pre-norm block of BIT's encoder/decoder, the CLIP-style ViT, DFM and Semantic-CC.
+    """
+
+    def __init__(self, dim: int, heads: int, dim_head: int, mlp_dim: int, cross: bool,
+                 activation: str = "gelu") -> None:
+        super().__init__()
+        self.norm_q, self.norm_ff = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm_ctx = nn.LayerNorm(dim) if cross else None
+        self.attn = MultiHeadAttention(dim, heads, dim_head)
+        self.ff = FeedForward(dim, mlp_dim, activation=activation)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.norm_q(x)
+        ctx = self.norm_ctx(context) if self.norm_ctx is not None and context is not None else None
+        x = x + self.attn(q, ctx)
+        return x + self.ff(self.norm_ff(x))

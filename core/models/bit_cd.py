@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import FeedForward, MultiHeadAttention
+from .attention import PreNormBlock
 from .backbones import ResNetBackbone
 
 
@@ -35,24 +35,6 @@ class BitCDConfig:
     dim_head: int = 64
     mlp_ratio: int = 2
     num_classes: int = 2
-
-
-class PreNormBlock(nn.Module):
-    """x + Attn(LN(x), LN(ctx)) then x + MLP(LN(x)); self-attention when no context is given."""
-
-    def __init__(self, dim: int, heads: int, dim_head: int, mlp_dim: int, cross: bool,
-                 activation: str = "gelu") -> None:
-        super().__init__()
-        self.norm_q, self.norm_ff = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.norm_ctx = nn.LayerNorm(dim) if cross else None
-        self.attn = MultiHeadAttention(dim, heads, dim_head)
-        self.ff = FeedForward(dim, mlp_dim, activation=activation)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        q = self.norm_q(x)
-        ctx = self.norm_ctx(context) if self.norm_ctx is not None and context is not None else None
-        x = x + self.attn(q, ctx)
-        return x + self.ff(self.norm_ff(x))
 
 
 @dataclass

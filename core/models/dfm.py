@@ -48,9 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import CrossAttentionBlock, LearnedPosition2D
+from .attention import CrossAttentionBlock, LearnedPosition2D, PreNormBlock
 from .caption_decoder import CaptionDecoder
-from .bit_cd import BitCD, BitCDConfig, BitCDFeatures, PreNormBlock
+from .bit_cd import BitCD, BitCDConfig, BitCDFeatures
 from .pretrained import load_clip_vision, may_read_checkpoint
 from .vit import ClipViT
 

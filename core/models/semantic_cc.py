@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bit_cd import PreNormBlock
+from .attention import PreNormBlock
 from .pix4cap import conv_bn_relu
 from .pretrained import load_qformer, may_read_checkpoint, read_checkpoint
 from .vit import SAM_VARIANTS, LayerNorm2d, SamViT, load_sam_encoder

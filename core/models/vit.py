@@ -1,7 +1,7 @@
 """Vision Transformers shared by the model zoo, plus a minimal LoRA linear layer.
 
 * :class:`ClipViT` - a CLIP-style ViT (patch conv, [CLS] token, learned positions, pre-norm blocks of
-  :class:`..bit_cd.PreNormBlock`): DFM's vision encoder (ViT-B/32 in its baseline RSCaMa). Its
+  :class:`.attention.PreNormBlock`): DFM's vision encoder (ViT-B/32 in its baseline RSCaMa). Its
   parameter names follow OpenAI CLIP's ``visual`` tower where they exist (``conv1``, ``class_embedding``,
   ``positional_embedding``, ``ln_pre``, ``ln_post``); :mod:`.pretrained` maps OpenAI/open_clip and Hugging
   Face CLIP checkpoints onto it. Unlike CLIP, ``ln_post`` is applied to every token (CLIP: [CLS] only) and
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import PreNormBlock
 from .backbones import load_state_file
-from .bit_cd import PreNormBlock
 
 
 # ---- LoRA -------------------------------------------------------------------------------------------
