@@ -3,7 +3,8 @@
 Recipes: ``pix4cap`` (change mask + caption), ``bit-cd`` (BIT change detector), ``dfm`` (DFM: caption + TGCL
 on a pre-trained bit-cd encoder), ``semantic-cc`` (Semantic-CC, three stages per epoch), ``sen-pretrain`` (SEN
 stage 1: MoCo-v2 on unlabelled multi-date tiles -> a backbone file) and ``sen`` (SEN stage 2: captioning from it);
-``pseudo-labels`` (a CD model labels LEVIR-CC for pix4cap); ``eval`` (the metric table of a model file).
+``pseudo-labels`` (a CD model labels LEVIR-CC for pix4cap); ``eval`` (the metric table of a model file);
+``calibrate`` (a copy of a model file whose decision point 0.5 sits where the original's ``--threshold`` was).
 ``--ddp`` trains on all visible GPUs (or ``--nproc`` CPU processes) with DistributedDataParallel under torchrun.
 """
 
@@ -14,7 +15,7 @@ import json
 import logging
 import sys
 
-RECIPES = ("pix4cap", "bit-cd", "dfm", "semantic-cc", "sen-pretrain", "sen", "pseudo-labels", "eval")
+RECIPES = ("pix4cap", "bit-cd", "dfm", "semantic-cc", "sen-pretrain", "sen", "pseudo-labels", "eval", "calibrate")
 # Earlier names of recipes, still accepted on the command line and in configs (and so in a card's recipe).
 RECIPE_ALIASES = {"cd-bit": "bit-cd"}
 TRAINERS = {"pix4cap": "pix4cap", "bit-cd": "bit_cd", "dfm": "dfm", "semantic-cc": "semantic_cc",
@@ -24,11 +25,11 @@ TRAINERS = {"pix4cap": "pix4cap", "bit-cd": "bit_cd", "dfm": "dfm", "semantic-cc
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m changescribe.training", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("recipe", choices=RECIPES + tuple(RECIPE_ALIASES), help="a recipe to train, pseudo-labels, or eval")
-    ap.add_argument("model", nargs="?", help="eval: the model card (or model name) to evaluate")
+    ap.add_argument("recipe", choices=RECIPES + tuple(RECIPE_ALIASES), help="a recipe to train, pseudo-labels, eval or calibrate")
+    ap.add_argument("model", nargs="?", help="eval, calibrate: the model card (or model name)")
     ap.add_argument("--config", help="JSON recipe config (see training/configs/)")
     ap.add_argument("--out", help="run folder (checkpoints, log.csv, curves.png, the model file); "
-                                  "pseudo-labels: the mask folder")
+                                  "pseudo-labels: the mask folder; calibrate: the folder of the calibrated copy")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
@@ -55,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--captions", help="caption file (default DATA/LevirCCcaptions.json)")
     pl.add_argument("--splits", help="comma-separated splits (default: all in the caption file)")
     pl.add_argument("--batch-size", type=int, default=16, help="eval and pseudo-labels: pairs per batch")
-    pl.add_argument("--threshold", type=float, default=0.5)
+    pl.add_argument("--threshold", type=float,
+                    help="probability at which a pixel is change (default 0.5); calibrate: the original model's "
+                         "threshold that becomes the copy's 0.5")
     pl.add_argument("--workers", type=int, default=0, help="DataLoader workers reading the images")
     pl.add_argument("--missing", choices=("error", "skip"), default="error",
                     help="skip caption-file pairs whose images are not on disk")
@@ -66,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
 _COMMON = {"recipe", "device"}
 _READS = {
     "eval": _COMMON | {"model", "config", "set", "data", "pairs", "split", "beam_size", "batch_size", "record",
-                       "record_to"},
+                       "record_to", "threshold"},
+    "calibrate": _COMMON | {"model", "threshold", "out"},
     "pseudo-labels": _COMMON | {"cd_model", "data", "out", "captions", "splits", "batch_size", "threshold",
                                 "workers", "missing"},
 }
@@ -151,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             scores = evaluate_model_file(args.model, args.pairs or 200, beam_size=args.beam_size or 3, device=device,
                                          batch_size=args.batch_size, data=data, folder=args.data,
-                                         split=None if split in ("", "none") else split)
+                                         split=None if split in ("", "none") else split,
+                                         threshold=0.5 if args.threshold is None else args.threshold)
         except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -159,6 +164,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.record:
             card = record_metrics(args.record_to or args.model, args.record[0], scores, args.record[1])
             print(f"recorded as metrics[{args.record[0]!r}] in {card}")
+        return 0
+    if args.recipe == "calibrate":
+        from .calibration import calibrate_model_file
+
+        if not (args.model and args.out and args.threshold is not None):
+            ap.error("calibrate needs MODEL, --threshold and --out")
+        try:
+            card = calibrate_model_file(args.model, args.threshold, args.out)
+        except (ValueError, FileNotFoundError, FileExistsError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"model file: {card}")
         return 0
     if args.recipe == "pseudo-labels":
         from .pseudo_labels import write_pseudo_labels
@@ -168,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         report = write_pseudo_labels(
             args.cd_model, args.data, args.out, captions=args.captions,
             splits=tuple(s for s in args.splits.split(",") if s) if args.splits else None,
-            batch_size=args.batch_size, threshold=args.threshold, device=str(resolve_device(args.device)),
+            batch_size=args.batch_size, threshold=0.5 if args.threshold is None else args.threshold, device=str(resolve_device(args.device)),
             num_workers=args.workers, missing=args.missing)
         for split, counts in report.items():
             print(f"{split}: {counts['written']} masks written, {counts['skipped']} already there")

@@ -27,9 +27,10 @@ TEST_FIRST_SEED = 2_000_000  # training uses 0.., validation 1,000,000..
 
 
 def evaluate(model: ChangeModel, data, batch_size: int, meteor: bool = False, beam_size: int = 1,
-             num_workers: int = 0) -> dict[str, float]:
-    """Mask metrics over all labelled pixels and, for captioners, caption metrics against all references."""
-    scores = MaskScores()
+             num_workers: int = 0, threshold: float = 0.5) -> dict[str, float]:
+    """Mask metrics over all labelled pixels (a pixel is change when its probability is ≥ ``threshold``) and,
+    for captioners, caption metrics against all references."""
+    scores = MaskScores(threshold)
     refs: list[list[str]] = []
     hyps: list[str] = []
     captions = bool(getattr(model, "can_caption", False))
@@ -78,9 +79,13 @@ def folder_dataset(root: str | Path, split: str | None, crop_size: int) -> tuple
 
 def evaluate_model_file(card: str, pairs: int = 200, size: int | None = None, beam_size: int = 3,
                         device: str = "cpu", batch_size: int = 16, data: DataConfig | None = None,
-                        split: str | None = "test", folder: str | Path | None = None) -> dict:
+                        split: str | None = "test", folder: str | Path | None = None,
+                        threshold: float = 0.5) -> dict:
     """The metric table of a model file on generated test pairs, on ``split`` of ``data``, or on a dataset
-    ``folder`` (:func:`folder_dataset`). ``data`` says which data was scored and how many pairs."""
+    ``folder`` (:func:`folder_dataset`), masks cut at ``threshold``. ``data`` says which data was scored and how
+    many pairs."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be between 0 and 1 (exclusive), got {threshold:g}")
     model = load_model(card, device)
     if folder is not None:
         ds, desc = folder_dataset(folder, split, model.input_spec.tile_size)
@@ -95,8 +100,9 @@ def evaluate_model_file(card: str, pairs: int = 200, size: int | None = None, be
         desc = f"generated scenes (training.synthetic), seeds {TEST_FIRST_SEED}..{TEST_FIRST_SEED + pairs - 1}, {size}² px"
     if len(ds) == 0:
         raise ValueError(f"{desc}: no pairs to score")
-    scores = evaluate(model, ds, batch_size, meteor=True, beam_size=beam_size)
-    return {"data": desc, "pairs": len(ds), "beam_size": beam_size, **{k: round(v, 4) for k, v in scores.items()}}
+    scores = evaluate(model, ds, batch_size, meteor=True, beam_size=beam_size, threshold=threshold)
+    return {"data": desc, "pairs": len(ds), "beam_size": beam_size, "threshold": threshold,
+            **{k: round(v, 4) for k, v in scores.items()}}
 
 
 def record_metrics(card: str | Path, block: str, scores: dict, label: str) -> Path:
