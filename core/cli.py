@@ -63,6 +63,62 @@ def _detect(args: argparse.Namespace) -> int:
     return 0
 
 
+# DetectRequest fields a batch sets per unit (from its manifest and work folder), never from the options.
+PER_UNIT_FIELDS = ("before", "after", "output", "area_of_interest", "probability_output", "reuse_probability",
+                   "cache_dir")
+
+
+def run_options(args: argparse.Namespace) -> dict:
+    """The shared run options (:func:`add_run_options`) as DetectRequest fields, for every unit of a batch."""
+    return {name: getattr(args, name) for name in FIELDS if name in vars(args) and name not in PER_UNIT_FIELDS}
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .batch import DEFAULT_CHUNK_SIZE, DEFAULT_RETRIES, run_batch
+
+    bar = None
+
+    def on_unit(row: dict, done: int, total: int) -> None:
+        nonlocal bar
+        if args.json:
+            print(json.dumps({"event": "unit", "done": done, "total": total, **row}), flush=True)
+        if bar is None:
+            bar = tqdm(total=total, initial=done - 1, unit="unit", disable=args.quiet or args.json, file=sys.stderr)
+        bar.update(1)
+        if row["status"] != "done":
+            tqdm.write(f"unit {row['unit']} failed: {row['error']}", file=sys.stderr)
+
+    def on_log(text: str) -> None:
+        if args.json:
+            print(json.dumps({"event": "log", "message": text}), flush=True)
+        elif not args.quiet:
+            tqdm.write(text, file=sys.stderr)
+
+    try:
+        result = run_batch(args.manifest, args.output, run_options(args), areas=args.areas, workers=args.workers,
+                           scheduler=args.scheduler, chunk_size=args.chunk_size or DEFAULT_CHUNK_SIZE,
+                           retries=DEFAULT_RETRIES if args.retries is None else args.retries,
+                           overwrite=args.overwrite, on_unit=on_unit, on_log=on_log)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        print(json.dumps({"event": "result", "output": str(result.output) if result.output else None,
+                          "regions": result.regions, "summary": result.summary(), "failed": len(result.failed),
+                          "seconds": result.seconds}), flush=True)
+    else:
+        print(f"GeoPackage: {result.output if result.output else '(none: no pair finished)'}")
+        print(result.summary())
+    if result.failed:
+        first = result.failed[0]
+        print(f"changescribe: error: {len(result.failed)} of {len(result.units)} units failed (first: {first['unit']}: "
+              f"{first['error']}); run the same command again to retry them", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     from .model_card import card_summary
     from .model_loading import installed_models
@@ -109,17 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("before", help="earlier raster (any GDAL format)")
     d.add_argument("after", help="later raster; put onto the before raster's grid")
     d.add_argument("-o", "--output", required=True, help="GeoPackage to write (.gpkg)")
-    d.add_argument("--model", default="default", help="model name (see `changescribe models`) or model card path")
-    d.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    # Numbers arrive as text and are checked by DetectRequest, whose one-line messages state the valid range.
-    d.add_argument("--threshold", default=0.5, help="change probability threshold (between 0 and 1)")
-    d.add_argument("--min-area", dest="min_area", default=0.0, help="drop regions smaller than this, in m² (>= 0)")
-    d.add_argument("--tile-size", dest="tile_size", default=None,
-                   help=f"tile size in pixels, {MIN_TILE_SIZE}..{MAX_TILE_SIZE} (default: the model's)")
-    d.add_argument("--overlap", default=None, help="tile overlap in pixels, 0 .. tile size - 1 (default: tile/8)")
-    d.add_argument("--batch-size", dest="batch_size", default=8, help="tiles per batch (>= 1; default 8)")
-    d.add_argument("--gsd", dest="target_gsd", default=None,
-                   help="resample to this GSD in metres (> 0), or 'model' for the model's")
+    add_run_options(d)
     d.add_argument("--area", dest="area_of_interest", default=None, metavar="WKT",
                    help="limit the run to this polygon (WKT, in the CRS given by --area-crs)")
     d.add_argument("--area-crs", dest="area_crs", default=None, metavar="CRS", help="the CRS of --area, e.g. EPSG:32633")
@@ -130,21 +176,29 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cache", dest="cache_dir", default=None, metavar="DIR",
                    help="keep the probability map in DIR and re-use it when inputs, model, area and tiling are the "
                         "same (a new threshold or minimum area then runs no inference)")
-    d.add_argument("--beam-size", dest="beam_size", default=None,
-                   help="caption beam size (1 = greedy; default: the model's own, e.g. 3 for SEN, else 1)")
-    d.add_argument("--detector", default=None, metavar="NAME_OR_PATH",
-                   help="change detector (model name or card path) that makes the mask: replaces a captioner's "
-                        "card pairing ('pair_with'), or the captioning model's own change head")
-    d.add_argument("--no-captions", dest="captions", action="store_false", help="masks and polygons only")
-    d.add_argument("--keep-border-fill", dest="fill_nodata", action="store_false",
-                   help="read constant black/white fill along the border of a raster that declares no NoData as "
-                        "image (by default it is no data, like the fill of mosaics and warped exports)")
     d.add_argument("--json", action="store_true", help="print the result as one JSON line")
-    d.add_argument("--overwrite", action="store_true",
-                   help="replace existing output files that ChangeScribe did not write (never an input)")
-    d.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=_detect)
 
+    b = sub.add_parser("batch", help="many pairs, or one huge pair in chunks, on dask.distributed (one GeoPackage)")
+    b.add_argument("manifest", nargs="+", metavar="MANIFEST",
+                   help="a CSV or GeoPackage with before and after columns (optional name, area), or two mosaics "
+                        "(before after, e.g. VRTs)")
+    b.add_argument("-o", "--output", required=True, help="GeoPackage to write (.gpkg); finished units are kept in "
+                                                         "OUTPUT-stem.units/ so a re-run resumes")
+    b.add_argument("--areas", default=None, metavar="LAYER",
+                   help="with two mosaics: a polygon layer, one pair per polygon (default: the whole overlap)")
+    b.add_argument("--workers", type=int, default=None,
+                   help="LocalCluster worker processes (default: one per core; torch threads = cores / workers)")
+    b.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="use this dask scheduler (tcp://host:8786) instead of a LocalCluster; every worker must "
+                        "see the same paths")
+    b.add_argument("--chunk-size", dest="chunk_size", type=int, default=None,
+                   help="a pair larger than this many pixels a side runs in chunks of this size (multiple of 256; "
+                        "default 4096)")
+    b.add_argument("--retries", type=int, default=None, help="retries of a unit whose worker failed (default 2)")
+    b.add_argument("--json", action="store_true", help="one JSON line per finished unit, then the result")
+    add_run_options(b)
+    b.set_defaults(func=_batch)
     m = sub.add_parser("models", help="list model architectures and installed model files")
     m.set_defaults(func=_models)
 
@@ -154,6 +208,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folders to clean (default: the current one); the temporary folder is always cleaned")
     c.set_defaults(func=_clean)
     return p
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The run options ``detect`` and ``batch`` share (a batch applies them to every unit); each dest is a
+    DetectRequest field."""
+    p.add_argument("--model", default="default", help="model name (see `changescribe models`) or model card path")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    # Numbers arrive as text and are checked by DetectRequest, whose one-line messages state the valid range.
+    p.add_argument("--threshold", default=0.5, help="change probability threshold (between 0 and 1)")
+    p.add_argument("--min-area", dest="min_area", default=0.0, help="drop regions smaller than this, in m² (>= 0)")
+    p.add_argument("--tile-size", dest="tile_size", default=None,
+                   help=f"tile size in pixels, {MIN_TILE_SIZE}..{MAX_TILE_SIZE} (default: the model's)")
+    p.add_argument("--overlap", default=None, help="tile overlap in pixels, 0 .. tile size - 1 (default: tile/8)")
+    p.add_argument("--batch-size", dest="batch_size", default=8, help="tiles per batch (>= 1; default 8)")
+    p.add_argument("--gsd", dest="target_gsd", default=None,
+                   help="resample to this GSD in metres (> 0), or 'model' for the model's")
+    p.add_argument("--beam-size", dest="beam_size", default=None,
+                   help="caption beam size (1 = greedy; default: the model's own, e.g. 3 for SEN, else 1)")
+    p.add_argument("--detector", default=None, metavar="NAME_OR_PATH",
+                   help="change detector (model name or card path) that makes the mask: replaces a captioner's "
+                        "card pairing ('pair_with'), or the captioning model's own change head")
+    p.add_argument("--no-captions", dest="captions", action="store_false", help="masks and polygons only")
+    p.add_argument("--keep-border-fill", dest="fill_nodata", action="store_false",
+                   help="read constant black/white fill along the border of a raster that declares no NoData as "
+                        "image (by default it is no data, like the fill of mosaics and warped exports)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files that ChangeScribe did not write (never an input)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 def main(argv: list[str] | None = None) -> int:

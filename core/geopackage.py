@@ -77,22 +77,25 @@ class RegionLayer:
 
 
 class RegionWriter:
-    """Appends batches of regions to a new GeoPackage's regions layer; every region gets ``constants`` too."""
+    """Appends batches of regions to a new GeoPackage's regions layer; every region gets ``constants`` too.
+    ``extra_fields`` (name: OGR type) follow :data:`REGION_FIELDS` (a batch run's ``pair``)."""
 
-    def __init__(self, path: str | Path, crs_wkt: str, constants: dict | None = None):
+    def __init__(self, path: str | Path, crs_wkt: str, constants: dict | None = None,
+                 extra_fields: dict[str, str] | None = None):
         self.path = Path(path)
         self.crs = CRS.from_wkt(crs_wkt)
-        self.constants = {k: v for k, v in (constants or {}).items() if k in REGION_FIELDS}
+        self.fields = {**REGION_FIELDS, **(extra_fields or {})}
+        self.constants = {k: v for k, v in (constants or {}).items() if k in self.fields}
         self.count = 0
         self.total_area_m2 = 0.0
         self._sink = fiona.open(self.path, "w", driver="GPKG", layer=REGIONS_LAYER, crs_wkt=crs_wkt,
-                                schema={"geometry": "Polygon", "properties": dict(REGION_FIELDS)})
+                                schema={"geometry": "Polygon", "properties": dict(self.fields)})
 
     def append(self, regions: gpd.GeoDataFrame) -> None:
         """Write one batch in one transaction; other columns are ignored, missing fields left empty."""
-        cols = [c for c in REGION_FIELDS if c in regions.columns and c not in self.constants]
+        cols = [c for c in self.fields if c in regions.columns and c not in self.constants]
         values = regions[cols].to_dict("records")
-        blank = dict.fromkeys(REGION_FIELDS)
+        blank = dict.fromkeys(self.fields)
         records = [{"geometry": mapping(geom), "properties": {**blank, **_plain(row), **self.constants}}
                    for geom, row in zip(regions.geometry, values)]
         self._sink.writerecords(records)
@@ -164,6 +167,24 @@ def write_run(gpkg: str | Path, run: dict) -> None:
             # The layer's own description carries the scene caption, so any GIS shows it.
             con.execute("UPDATE gpkg_contents SET description = ? WHERE table_name = ?",
                         (run.get("scene_caption") or "", REGIONS_LAYER))
+    finally:
+        con.close()
+
+
+def write_table(gpkg: str | Path, name: str, description: str, columns: dict[str, str], rows: list[dict]) -> None:
+    """A new attribute (non-spatial) table, registered in ``gpkg_contents`` so QGIS lists it; ``columns`` maps
+    each column to its SQLite type. ``name`` and the column names are constants of the caller, never user text."""
+    con = sqlite3.connect(gpkg)
+    try:
+        with con:
+            cols = ", ".join(f"{c} {t}" for c, t in columns.items())
+            con.execute(f"CREATE TABLE {name} (fid INTEGER PRIMARY KEY AUTOINCREMENT, {cols})")  # nosec B608
+            con.execute("INSERT OR REPLACE INTO gpkg_contents (table_name, data_type, identifier, description, "
+                        "last_change) VALUES (?, 'attributes', ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ','now'))",
+                        (name, name, description))
+            marks = ", ".join("?" for _ in columns)
+            con.executemany(f"INSERT INTO {name} ({', '.join(columns)}) VALUES ({marks})",  # nosec B608
+                            [tuple(row.get(c) for c in columns) for row in rows])
     finally:
         con.close()
 

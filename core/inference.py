@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import torch
+from rasterio.windows import Window
 
 from .device import halving_on_oom
 from .model_api import ChangeModel
@@ -46,10 +47,12 @@ class InferenceStats:
         return self.tiles / self.seconds if self.seconds else float("nan")
 
 
-def probability_profile(pair: AlignedPair) -> dict:
-    """GeoTIFF profile of the probability map: same grid as the pair, tiled, float32."""
-    return {"driver": "GTiff", "width": pair.width, "height": pair.height, "count": 1, "dtype": "float32",
-            "crs": pair.grid.crs, "transform": pair.grid.transform, "nodata": PROBABILITY_NODATA,
+def probability_profile(pair: AlignedPair, region: Window | None = None) -> dict:
+    """GeoTIFF profile of the probability map: same grid as the pair (or the part ``region`` of it), tiled, float32."""
+    region = region if region is not None else Window(0, 0, pair.width, pair.height)
+    return {"driver": "GTiff", "width": int(region.width), "height": int(region.height), "count": 1,
+            "dtype": "float32", "crs": pair.grid.crs,
+            "transform": rasterio.windows.transform(region, pair.grid.transform), "nodata": PROBABILITY_NODATA,
             "tiled": True, "blockxsize": BLOCK, "blockysize": BLOCK, "compress": "deflate",
             "predictor": 3, "zlevel": 1, "BIGTIFF": "IF_SAFER"}
 
@@ -76,13 +79,20 @@ def _read_batch(pair: AlignedPair, tiles: list[Tile], size: int):
     return np.stack(befores), np.stack(afters), valids
 
 
-def _panel_sink(dst: rasterio.io.DatasetWriter, panel: Panel):
-    """Write a panel's finished rows, only the columns it owns (there its blend is complete)."""
+def _panel_sink(dst: rasterio.io.DatasetWriter, panel: Panel, region: Window):
+    """Write a panel's finished rows, only the columns it owns (there its blend is complete) and only the rows of
+    ``region`` (the part of the grid the output raster covers), at their place in it."""
     lo, hi = panel.x0 - panel.left, panel.x1 - panel.left
+    x_off, y0 = int(region.col_off), int(region.row_off)
+    y1 = y0 + int(region.height)
 
     def sink(row: int, values: np.ndarray, valid: np.ndarray) -> None:
-        owned = np.where(valid[:, lo:hi], values[:, lo:hi], PROBABILITY_NODATA).astype(np.float32)
-        dst.write(owned[None], window=rasterio.windows.Window(panel.x0, row, hi - lo, owned.shape[0]))
+        r0, r1 = max(row, y0), min(row + values.shape[0], y1)
+        if r1 <= r0:
+            return
+        rows = slice(r0 - row, r1 - row)
+        owned = np.where(valid[rows, lo:hi], values[rows, lo:hi], PROBABILITY_NODATA).astype(np.float32)
+        dst.write(owned[None], window=Window(panel.x0 - x_off, r0 - y0, hi - lo, r1 - r0))
 
     return sink
 
@@ -95,25 +105,34 @@ def run_model(model: ChangeModel, before: torch.Tensor, after: torch.Tensor) -> 
 
 def predict_probability(pair: AlignedPair, model: ChangeModel, out_path: str | Path, tile_size: int | None = None,
                         overlap: int | None = None, batch_size: int = 8,
-                        control: RunControl | None = None, panel_width: int = PANEL_WIDTH) -> InferenceStats:
-    """Write the blended change-probability map of ``pair`` to ``out_path`` (GeoTIFF).
+                        control: RunControl | None = None, panel_width: int = PANEL_WIDTH,
+                        region: Window | None = None) -> InferenceStats:
+    """Write the blended change-probability map of ``pair`` (or of the part ``region`` of its grid) to
+    ``out_path`` (GeoTIFF).
 
     The raster is run panel by panel (column bands at most ``panel_width`` wide), each top to bottom, so memory
-    depends on neither the raster's width nor its height.
+    depends on neither the raster's width nor its height. A ``region`` (a chunk of a distributed run,
+    :mod:`.batch`) runs exactly the tiles of the whole grid that reach it, tiles across its edges included, so
+    its pixels get the values the whole run gives them and chunks put side by side make the whole map.
     """
     control = control or RunControl()
     tile = int(tile_size or model.input_spec.tile_size)
     ov = int(tile // 8 if overlap is None else overlap)
-    panels = column_panels(pair.width, tile, ov, panel_width, BLOCK)
+    region = region if region is not None else Window(0, 0, pair.width, pair.height)
+    x0, y0 = int(region.col_off), int(region.row_off)
+    x1, y1 = x0 + int(region.width), y0 + int(region.height)
+    panels = [p for p in (panel.within(x0, x1) for panel in column_panels(pair.width, tile, ov, panel_width, BLOCK))
+              if p is not None]
     # (panel, batch) in run order: batches never straddle a tile-row or a panel.
     work = [(p, batch) for p in panels for row in tile_grid(pair.height, pair.width, tile, ov, p)
+            if row[0].row < y1 and row[0].row + row[0].height > y0
             for batch in iter_batches(row, batch_size)]
     n_tiles = sum(len(b) for _, b in work)
     device = model.device
     started = time.perf_counter()
     model_time = 0.0
     done = 0
-    with rasterio.open(out_path, "w", **probability_profile(pair)) as dst:
+    with rasterio.open(out_path, "w", **probability_profile(pair, region)) as dst:
         dst.update_tags(**{OWN_RASTER_TAG: "probability"})  # marks it as ours: a later run may replace it
         blender: StripBlender | None = None
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="changescribe-read") as reader:
@@ -133,7 +152,7 @@ def predict_probability(pair: AlignedPair, model: ChangeModel, out_path: str | P
                 if panel is not blender_panel:  # a panel is done: its last rows out, the next one's buffers in
                     if blender is not None:
                         blender.finish()
-                    blender = StripBlender(pair.height, panel.right - panel.left, ov, BLOCK, _panel_sink(dst, panel),
+                    blender = StripBlender(pair.height, panel.right - panel.left, ov, BLOCK, _panel_sink(dst, panel, region),
                                            col_off=panel.left)
                     blender_panel, current_row = panel, -1
                 for t, p, v in zip(batch, prob, valids):

@@ -8,6 +8,7 @@ into place. Each step streams, so neither the raster's size nor the number of re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -17,9 +18,11 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import rasterio
 import torch
+from rasterio.windows import Window
 
 from .api import Area, DetectRequest, DetectResult, check_tiling
 from .atomic import atomic_path, remove_stale_temporaries, temp_prefix
@@ -145,14 +148,7 @@ def _detect(r: DetectRequest, control: RunControl, dev: torch.device, model: Cha
         model = with_detector(model, detector if detector is not None else r.detector, dev)
     beam_size = r.beam_size if r.beam_size is not None else model.default_beam_size
     control.log(f"model {model.name} {model.version} on {describe_device(dev)}")
-    spec = model.input_spec
-    tile_size = r.tile_size or spec.tile_size
-    check_tiling(tile_size, r.overlap, r.batch_size)  # again, now that the model's tile size is known
-    gsd = spec.gsd if r.target_gsd == "model" else r.target_gsd
-    # GDAL's block cache defaults to 5 % of RAM and fills as the raster grows; bound it so memory stays flat.
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), \
-            AlignedPair(r.before, r.after, bands=spec.bands, target_gsd=gsd,
-                        area_of_interest=area_of_interest, fill_nodata=r.fill_nodata) as pair:
+    with aligned_pair(r, model, area_of_interest) as (pair, tile_size):
         for line in pair.report.lines():
             control.log(line)
         progress = _plan_progress(control, pair, model, r, tile_size)
@@ -222,6 +218,38 @@ def _detect(r: DetectRequest, control: RunControl, dev: torch.device, model: Cha
     return ChangeResult(output=out, regions=regions, scene_caption=scene_caption, summary=summary,
                         alignment=pair.report, probability=prob_out, stats=stats, metadata=meta,
                         device=describe_device(dev), reused_probability=r.reuse_probability is not None)
+
+
+@contextlib.contextmanager
+def aligned_pair(r: DetectRequest, model: ChangeModel,
+                 area_of_interest: AreaOfInterest | None) -> Iterator[tuple[AlignedPair, int]]:
+    """The request's pair on its grid, opened for ``model``, and the tile size the run uses: what a whole run and a
+    chunk of a distributed one (:func:`predict_region`) both read, so they see the same grid and pixels."""
+    spec = model.input_spec
+    tile_size = r.tile_size or spec.tile_size
+    check_tiling(tile_size, r.overlap, r.batch_size)  # again, now that the model's tile size is known
+    gsd = spec.gsd if r.target_gsd == "model" else r.target_gsd
+    # GDAL's block cache defaults to 5 % of RAM and fills as the raster grows; bound it so memory stays flat.
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), \
+            AlignedPair(r.before, r.after, bands=spec.bands, target_gsd=gsd,
+                        area_of_interest=area_of_interest, fill_nodata=r.fill_nodata) as pair:
+        yield pair, tile_size
+
+
+def predict_region(request: DetectRequest, region: Window, output: str | os.PathLike, model: ChangeModel,
+                   control: RunControl | None = None) -> InferenceStats:
+    """The change probability of one chunk (``region`` of the request's grid) into the GeoTIFF ``output``, written
+    whole or not at all: a unit of a distributed run (:mod:`.batch`), whose chunks put side by side are the map a
+    whole run makes (:func:`.inference.predict_probability` runs the tiles across the chunk's edges too)."""
+    control = control or RunControl()
+    dev = resolve_device(request.device)
+    model = model.to(dev)
+    if request.detector is not None:
+        model = with_detector(model, request.detector, dev)
+    with aligned_pair(request, model, request.aoi()) as (pair, tile_size), \
+            writing("the probability raster", output), atomic_path(Path(output), ".tmp.tif") as tmp:
+        return predict_probability(pair, model, tmp, tile_size=tile_size, overlap=request.overlap,
+                                   batch_size=request.batch_size, control=control, region=region)
 
 
 def _tiles(pair: AlignedPair, tile: int, overlap: int) -> int:

@@ -438,12 +438,17 @@ def _clip_to_aoi(grid: Grid, aoi: AreaOfInterest, report: AlignmentReport) -> tu
     return clipped, geom
 
 
-def validate_pair(before: str | os.PathLike, after: str | os.PathLike) -> AlignmentReport:
-    """Open both rasters and plan their common grid without reading pixels; raises :class:`InputError`."""
+def validate_pair(before: str | os.PathLike, after: str | os.PathLike, target_gsd: float | None = None,
+                  area_of_interest: AreaOfInterest | None = None) -> AlignmentReport:
+    """Open both rasters and plan their common grid (at ``target_gsd``, clipped to ``area_of_interest``) without
+    reading pixels; raises :class:`InputError`. The report's width and height are the run's grid."""
     b = open_raster(before, "before")
     try:
         with open_raster(after, "after") as a:
-            return _plan_grid(b, a, None)[1]
+            grid, report = _plan_grid(b, a, target_gsd)
+            if area_of_interest is not None:
+                _clip_to_aoi(grid, area_of_interest, report)
+            return report
     finally:
         b.close()
 

@@ -75,6 +75,14 @@ class Panel:
     def right(self) -> int:
         return self.cols[-1] + self.tile_width
 
+    def within(self, x0: int, x1: int) -> "Panel | None":
+        """The part of this panel that owns columns [``x0``, ``x1``) (a chunk of a distributed run): only the
+        tiles that reach those columns, so the blend there is still the whole run's; None if it owns none."""
+        lo, hi = max(self.x0, x0), min(self.x1, x1)
+        if hi <= lo:
+            return None
+        return Panel(tuple(c for c in self.cols if c < hi and c + self.tile_width > lo), lo, hi, self.tile_width)
+
 
 def column_panels(width: int, tile: int, overlap: int, max_width: int, block: int) -> list[Panel]:
     """Tile columns grouped into panels at most ``max_width`` wide whose owned ranges meet at block multiples.
