@@ -32,6 +32,22 @@ LEVIRCC = REPO.parent / "shared" / "data" / "levircc_captions.json"
 SMALL = ("sen-small", "dfm-small", "semantic-cc-small", "pix4cap-tiny")
 PAPER = ("sen", "dfm", "semantic-cc-vit-b", "semantic-cc-vit-l", "pix4cap", "bit-cd")
 HUGE = ("semantic-cc-vit-b", "semantic-cc-vit-l")
+# Imported published checkpoints (``changescribe models import``): the architecture and config their import gives,
+# read from the peer's (key, shape) manifest, so the timing is of exactly what an imported model runs.
+PUBLISHED = {"bit:levir-cd": REPO / "tests" / "data" / "published" / "bit_base_transformer_pos_s4_dd8_dedim8.json"}
+
+
+def published_architecture(name: str):
+    """(architecture, config) of an imported published checkpoint, from its manifest (no weights needed)."""
+    import torch
+
+    from changescribe.core.models.converters import CONFIGS
+    from changescribe.core.published import get_family
+
+    manifest = json.loads(PUBLISHED[name].read_text())
+    state = {k: torch.empty(shape, device="meta") for k, shape, _ in manifest["keys"]}
+    family = manifest["family"]
+    return get_family(family).architecture, CONFIGS[family](state, str(PUBLISHED[name]))
 
 
 def _vocabulary(size: int):
@@ -55,11 +71,15 @@ def run_case(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)
-    cfg = get_entry(args.model).config
-    vocab = _vocabulary(cfg.vocab_size) if hasattr(cfg, "vocab_size") and get_entry(args.model).captions else None
+    label = args.model
+    if label in PUBLISHED:  # an imported checkpoint: its architecture and config, timed under its own name
+        args.model, published_cfg = published_architecture(label)
+    cfg = published_cfg if label in PUBLISHED else get_entry(args.model).config
+    vocab = _vocabulary(cfg.vocab_size) if get_entry(args.model).captions else None  # every captioner's config has one
     t_build = time.perf_counter()
     with torch.device(dev):
-        module, cfg = build_model(args.model, vocabulary=vocab)
+        module, cfg = build_model(args.model, cfg, vocabulary=vocab)
+    args.model = label
     t_build = time.perf_counter() - t_build
     if args.channels_last:
         module = module.to(memory_format=torch.channels_last)
@@ -107,7 +127,7 @@ def run_case(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=list(SMALL + PAPER))
+    p.add_argument("--models", nargs="+", default=list(SMALL + PAPER + tuple(PUBLISHED)))
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 64])
     p.add_argument("--beams", nargs="+", type=int, default=[1, 3], help="1 = greedy")
     p.add_argument("--device", default="cpu")

@@ -31,6 +31,14 @@ def load_torch_file(path: str | Path, map_location: Any = "cpu") -> Any:
 
     path = Path(path)
     try:
+        with path.open("rb") as f:
+            head = f.read(2)
+    except OSError:
+        head = b"PK"  # let torch.load say what is wrong with it (not found, a folder, ...)
+    if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive, or (legacy) a pickle stream
+        raise CheckpointError(f"{path} cannot be read as a torch checkpoint (damaged or another format): it is "
+                              "neither a zip archive nor a pickle stream")
+    try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -119,7 +119,20 @@ def _batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import(args: argparse.Namespace) -> int:
+    from .model_loading import MODEL_PATH_ENV
+    from .published import import_checkpoint
+
+    folder = args.folder or next((p for p in os.environ.get(MODEL_PATH_ENV, "").split(os.pathsep) if p), ".")
+    card = import_checkpoint(args.checkpoint, args.family, folder, name=args.name, dataset=args.dataset)
+    print(f"model file: {card} (+ {card.with_suffix('.safetensors').name})")
+    print(f"use it with: changescribe detect BEFORE AFTER -o OUT.gpkg --model {card}")
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
+    if getattr(args, "models_command", None) == "import":
+        return _import(args)
     from .model_card import card_summary
     from .model_loading import installed_models
     from .models.registry import list_models
@@ -199,8 +212,24 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true", help="one JSON line per finished unit, then the result")
     add_run_options(b)
     b.set_defaults(func=_batch)
-    m = sub.add_parser("models", help="list model architectures and installed model files")
+    m = sub.add_parser("models", help="list model architectures and installed model files; import published ones")
     m.set_defaults(func=_models)
+    msub = m.add_subparsers(dest="models_command")
+    from .published import FAMILIES
+
+    i = msub.add_parser("import", help="turn a published checkpoint (e.g. BIT's best_ckpt.pt) into a ChangeScribe "
+                                       "model file; read with torch.load(weights_only=True), never unpickled")
+    i.add_argument("checkpoint", help="the checkpoint file as its authors publish it")
+    i.add_argument("--from", dest="family", required=True, choices=sorted(FAMILIES),
+                   help="the code base it comes from: " + "; ".join(f"{f.name} = {f.title}" for f in FAMILIES.values()))
+    i.add_argument("--name", default=None, help="model name (default: FAMILY-DATASET, e.g. bit-levir-cd)")
+    i.add_argument("--dataset", default=None,
+                   help="the dataset the checkpoint was trained on (sets GSD and reported metrics; default: the "
+                        "family's first: " + ", ".join(f"{f.name}: {'/'.join(f.datasets)}" for f in FAMILIES.values())
+                        + ")")
+    i.add_argument("--folder", default=None, help=f"where to write NAME.json + NAME.safetensors (default: the first "
+                                                  f"folder of $CHANGESCRIBE_MODEL_PATH, else the current folder); an "
+                                                  "existing model file is never replaced")
 
     c = sub.add_parser("clean", help="remove temporary files left by crashed runs (only ChangeScribe's, only of "
                                      "processes that no longer run)")

@@ -16,7 +16,8 @@ Protocol (JSON lines, UTF-8):
   is ever written to stdout; tracebacks (of ``internal`` errors only) go to stderr.
 - SIGTERM / SIGINT cancel like ``cancel``: the pipeline stops at its next check and writes nothing.
 
-``--probe`` prints one ``{"event": "probe", ...}`` line: Python, PyTorch, CUDA and what is missing.
+``--probe`` prints one ``{"event": "probe", ...}`` line: Python, PyTorch, CUDA and what is missing. ``--suggest``
+and ``--import`` (a published checkpoint -> a model file, :func:`import_job`) take one JSON job line each.
 
 This module is imported by the plugin too (:func:`execute`, :func:`error_event`), so at import it needs only the
 standard library; torch is imported when a job runs.
@@ -132,6 +133,29 @@ def suggest(line: str, emit: Callable[[dict[str, Any]], None]) -> int:
         return EXIT_ERROR
 
 
+def import_job(line: str, emit: Callable[[dict[str, Any]], None]) -> int:
+    """``--import``: one ``{"checkpoint", "family", "folder", "name", "dataset"}`` line in, one
+    ``{"event": "imported", "card"}`` (or error) line out: the dock's *Import checkpoint…* in this Python."""
+    try:
+        from .published import import_checkpoint
+
+        job = json.loads(line)
+        if not isinstance(job, dict) or not {"checkpoint", "family", "folder"} <= set(job):
+            raise InputError("the import job on stdin is not a JSON object with checkpoint, family and folder")
+        card = import_checkpoint(job["checkpoint"], job["family"], job["folder"], name=job.get("name"),
+                                 dataset=job.get("dataset"))
+        emit({"event": "imported", "card": str(card)})
+        return EXIT_OK
+    except BaseException as exc:  # noqa: BLE001 (every failure becomes one error event)
+        if isinstance(exc, ValueError) and not isinstance(exc, ChangeScribeError):
+            exc = InputError(f"the import job on stdin is not JSON: {exc}")
+        event = error_event(exc)
+        if event["kind"] == "internal":
+            traceback.print_exc(file=sys.stderr)
+        emit(event)
+        return EXIT_ERROR
+
+
 class _Emitter:
     """Writes events to the real stdout, whole lines only, from any thread."""
 
@@ -170,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if "--suggest" in argv:
         return suggest(sys.stdin.readline(), emit)
+    if "--import" in argv:
+        return import_job(sys.stdin.readline(), emit)
     line = sys.stdin.readline()
     try:
         job = json.loads(line)

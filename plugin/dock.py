@@ -31,6 +31,7 @@ from qgis.PyQt.QtWidgets import (
 from ..core.api import DetectRequest
 from ..core.errors import InputError
 from .dock_widgets_annotate import AnnotatePanel
+from .dock_widgets_import import ImportDialog, ImportTask, default_model_folder
 from .dock_widgets_inputs import PairPicker, gdal_source, project_rasters
 from .dock_widgets_model import PANEL_FIELDS, ModelPanel
 from .dock_widgets_results import GROUP_NAME, ResultsPanel, add_result_layers
@@ -88,6 +89,7 @@ class ChangeScribeDock(QgsDockWidget):
         self._probe: ProbeTask | None = None
         self._env_task: CreateEnvironmentTask | None = None
         self._python: str | None = None  # None: QGIS's Python
+        self._import_task: ImportTask | None = None  # the model picker's "Import checkpoint…", while it runs
         self._runnable = False
         self._started = 0.0
         self._build()
@@ -184,6 +186,7 @@ class ChangeScribeDock(QgsDockWidget):
         self.pair.changed.connect(self._update_run_button)
         self.model_panel.device_combo.currentIndexChanged.connect(self._show_device)
         self.model_panel.fill_check.toggled.connect(self.pair.set_fill_nodata)
+        self.model_panel.import_requested.connect(self.import_checkpoint)
 
     # ---- environment ----------------------------------------------------------------------------------------
     def check_environment(self) -> None:
@@ -262,6 +265,46 @@ class ChangeScribeDock(QgsDockWidget):
     # ---- inputs ---------------------------------------------------------------------------------------------
     def _layers_changed(self, *_args) -> None:
         self.pair.guess(project_rasters())
+
+    def import_checkpoint(self) -> ImportTask | None:
+        """The model picker's *Import checkpoint…*: ask, then import in the Python that runs the pipeline. The new
+        model's folder becomes the Settings model folder (when none was set), so the picker lists it."""
+        folder = self.settings.get("model_folder") or str(default_model_folder())
+        dialog = ImportDialog(folder, self)
+        if not dialog.exec():
+            return None
+        job = dialog.job()
+        if not job["checkpoint"] or not job["folder"]:
+            self.show_error("choose a checkpoint file and a model folder")
+            return None
+        self._log(f"Importing {job['checkpoint']} ({job['family']}, {job['dataset']}) into {job['folder']}")
+        self.status_label.setText("Importing the checkpoint…")
+        task = ImportTask(job, self._python)
+        task.done.connect(lambda outcome: self._imported(outcome, job))
+        self._import_task = task  # keep a reference while it runs
+        QgsApplication.taskManager().addTask(task)
+        return task
+
+    def _imported(self, outcome: tuple[bool, str], job: dict[str, Any]) -> None:
+        ok, text = outcome
+        self._import_task = None
+        if not ok:
+            self.show_error(text)
+            return
+        if Path(job["folder"]).resolve() not in [Path(d).resolve() for d in self.settings.model_dirs()]:
+            if not self.settings.get("model_folder"):
+                self.settings.set("model_folder", job["folder"])
+                export_model_folder()
+            else:
+                self._log(f"{job['folder']} is not the model folder in Settings; the picker lists the new model "
+                          "only while the model folder is set to it")
+        self.model_panel.refresh_models(self.settings.model_dirs() + [job["folder"]], text)
+        message = f"Imported {Path(text).stem}: {text}"
+        self._log(message)
+        self.status_label.setStyleSheet("")
+        self.status_label.setText(message)
+        self.iface.messageBar().pushMessage("ChangeScribe", message, Qgis.MessageLevel.Success, 10)
+        self._update_run_button()
 
     def _refresh_models(self) -> None:
         error = self.model_panel.refresh_models(self.settings.model_dirs(), self.settings.get("model"))

@@ -10,7 +10,7 @@ import html
 from typing import Any
 
 from qgis.gui import QgsCollapsibleGroupBox
-from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -26,6 +26,8 @@ from ..core.model_card import card_summary, metric_lines
 from .settings import Settings
 
 DEVICES = (("auto", "Auto"), ("cpu", "CPU"), ("cuda", "CUDA GPU"))
+# The model picker's last entry: not a model, it opens the Import checkpoint dialog (dock_widgets_import.py).
+IMPORT_ENTRY = "changescribe:import-checkpoint"
 # The DetectRequest fields ModelPanel.request_options() sets.
 PANEL_FIELDS = ("model", "detector", "device", "threshold", "min_area", "tile_size", "overlap", "batch_size",
                 "target_gsd", "captions", "beam_size", "fill_nodata")
@@ -70,9 +72,12 @@ def card_html(card: dict[str, Any]) -> str:
 class ModelPanel(QWidget):
     """Model, device and the numbers that steer a run; reads and writes :class:`Settings`."""
 
+    import_requested = pyqtSignal()  # the picker's "Import checkpoint…" entry was chosen
+
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
         self.cards: list[dict[str, Any]] = []
+        self._model_index = -1  # the model chosen before "Import checkpoint…", restored after it
         self.model_combo = QComboBox()
         self.model_combo.setObjectName("changescribe_model")
         self.card_label = QLabel()
@@ -152,8 +157,11 @@ class ModelPanel(QWidget):
         self.model_combo.clear()
         for card in self.cards:
             self.model_combo.addItem(f"{card['name']} (v{card.get('version', '?')})", card["path"])
+        self.model_combo.insertSeparator(len(self.cards))
+        self.model_combo.addItem("Import checkpoint…", IMPORT_ENTRY)
         index = next((i for i, c in enumerate(self.cards) if wanted in (c["path"], c["name"])), 0)
         self.model_combo.setCurrentIndex(index if self.cards else -1)
+        self._model_index = self.model_combo.currentIndex()
         self.model_combo.blockSignals(False)
         # before the first listing, the detector remembered in the settings (load() runs before it)
         chosen = self.detector_combo.currentData() if self.detector_combo.count() else self._detector_setting
@@ -170,6 +178,13 @@ class ModelPanel(QWidget):
         return self.cards[i] if 0 <= i < len(self.cards) else None
 
     def _show_card(self, _index: int = 0) -> None:
+        if self.model_combo.currentData() == IMPORT_ENTRY:  # an action, not a model: keep the model shown
+            self.model_combo.blockSignals(True)
+            self.model_combo.setCurrentIndex(self._model_index)
+            self.model_combo.blockSignals(False)
+            self.import_requested.emit()
+            return
+        self._model_index = self.model_combo.currentIndex()
         card = self.current_card()
         self.card_summary.setText(card_summary(card) if card else "")
         self.card_label.setText(card_html(card) if card else

@@ -35,7 +35,9 @@ class ChangeScribeProvider(QgsProcessingProvider):
         from .caption_regions_algorithm import CaptionRegionsAlgorithm
         from .detect_changes_algorithm import DetectChangesAlgorithm
         from .export_training_algorithm import ExportTrainingDataAlgorithm
+        from .import_checkpoint_algorithm import ImportCheckpointAlgorithm
 
         self.addAlgorithm(DetectChangesAlgorithm())
         self.addAlgorithm(CaptionRegionsAlgorithm())
         self.addAlgorithm(ExportTrainingDataAlgorithm())  # changescribe:exporttrainingdata (annotations)
+        self.addAlgorithm(ImportCheckpointAlgorithm())  # changescribe:importcheckpoint (published weights)

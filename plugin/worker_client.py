@@ -107,6 +107,20 @@ def suggest_in_python(python: str, job: dict[str, Any], plugin_parent: str = PLU
     raise WorkerError(f"the worker stopped (exit code {code}) without a suggestion: {tail}", "internal")
 
 
+def import_in_python(python: str, job: dict[str, Any], plugin_parent: str = PLUGIN_PARENT,
+                     timeout: float = 600.0) -> str:
+    """The dock's *Import checkpoint…* run by the worker in ``python`` (``--import``): the new card's path, or
+    :class:`WorkerError` with the worker's one-line message and kind."""
+    events, tail, code = _one_shot(python, "--import", json.dumps(job) + "\n", timeout,
+                                   "did not import the checkpoint", "internal", plugin_parent)
+    for event in events:
+        if event.get("event") == "imported":
+            return str(event.get("card") or "")
+        if event.get("event") == "error":
+            raise WorkerError(event.get("message") or "the worker failed", event.get("kind") or "error")
+    raise WorkerError(f"the worker stopped (exit code {code}) without importing: {tail}", "internal")
+
+
 def _pump(stream, sink: Callable[[str], None]) -> None:
     for line in stream:
         sink(line)

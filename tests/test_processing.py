@@ -282,7 +282,8 @@ def test_algorithms_document_every_parameter(qgis_app):
 
     registry = QgsApplication.processingRegistry()
     algs = {a.id() for a in registry.providerById("changescribe").algorithms()}
-    assert algs == {"changescribe:detectchanges", "changescribe:captionregions", "changescribe:exporttrainingdata"}
+    assert algs == {"changescribe:detectchanges", "changescribe:captionregions", "changescribe:exporttrainingdata",
+                    "changescribe:importcheckpoint"}
     for alg_id in algs:
         alg = registry.algorithmById(alg_id)
         assert len(alg.shortHelpString()) > 100

@@ -21,21 +21,26 @@ class MultiHeadAttention(nn.Module):
 
     ``dim_head`` defaults to ``dim // heads``; BIT uses a wider inner dimension (8 heads x 64 on a 32-d
     feature), which is why it is a separate argument. ``kv_dim`` lets the context have another width.
+    ``qkv_bias`` (default: ``bias``) and ``scale`` (default 1/sqrt(dim_head)) let published weights that were
+    trained otherwise (BIT: no q/k/v bias, 1/sqrt(dim)) run unchanged.
     """
 
     def __init__(self, dim: int, heads: int = 8, dim_head: int | None = None, dropout: float = 0.0,
-                 kv_dim: int | None = None, bias: bool = True) -> None:
+                 kv_dim: int | None = None, bias: bool = True, qkv_bias: bool | None = None,
+                 scale: float | None = None) -> None:
         super().__init__()
         if dim_head is None:
             if dim % heads:
                 raise ValueError(f"dim {dim} is not divisible by heads {heads}")
             dim_head = dim // heads
         self.heads, self.dim_head, self.dropout = heads, dim_head, dropout
+        self.scale = scale  # None: 1/sqrt(dim_head)
         inner = heads * dim_head
         kv_dim = kv_dim or dim
-        self.to_q = nn.Linear(dim, inner, bias=bias)
-        self.to_k = nn.Linear(kv_dim, inner, bias=bias)
-        self.to_v = nn.Linear(kv_dim, inner, bias=bias)
+        qkv_bias = bias if qkv_bias is None else qkv_bias
+        self.to_q = nn.Linear(dim, inner, bias=qkv_bias)
+        self.to_k = nn.Linear(kv_dim, inner, bias=qkv_bias)
+        self.to_v = nn.Linear(kv_dim, inner, bias=qkv_bias)
         self.to_out = nn.Linear(inner, dim, bias=bias)
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,7 +64,7 @@ class MultiHeadAttention(nn.Module):
             mask = mask & torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
             causal = False
         p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal, scale=self.scale)
         b, _, t, _ = out.shape
         return self.to_out(out.transpose(1, 2).reshape(b, t, self.heads * self.dim_head))
 
@@ -149,11 +154,11 @@ class PreNormBlock(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int, mlp_dim: int, cross: bool,
-                 activation: str = "gelu") -> None:
+                 activation: str = "gelu", qkv_bias: bool = True, scale: float | None = None) -> None:
         super().__init__()
         self.norm_q, self.norm_ff = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.norm_ctx = nn.LayerNorm(dim) if cross else None
-        self.attn = MultiHeadAttention(dim, heads, dim_head)
+        self.attn = MultiHeadAttention(dim, heads, dim_head, qkv_bias=qkv_bias, scale=scale)
         self.ff = FeedForward(dim, mlp_dim, activation=activation)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:

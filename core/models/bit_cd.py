@@ -7,6 +7,12 @@ tokenizer (1x1 conv -> spatial softmax -> L=4 tokens per image); a transformer e
 pixels query its own refined tokens; |difference|, upsampling to input size and a two-conv head to
 2 classes. Attention: 8 heads x 64 dims, MLP width 2C, pre-norm, no dropout. One deliberate difference
 from the BIT code: attention is scaled by 1/sqrt(dim_head) (standard) instead of 1/sqrt(C).
+
+The BIT code itself (justchenhao/BIT_CD) differs in four more ways, each a config option so that its published
+weights run op for op (``core/models/converters.py`` imports them with :data:`BIT_ORIGINAL`): attention scaled by
+1/sqrt(C) (``attention_scale="dim"``), no bias on q/k/v (``qkv_bias=False``), a decoder head width of its own
+(``dec_dim_head``, 8 in the released LEVIR-CD model) and a layer3 whose stride is removed but whose convolutions
+are not dilated (its BasicBlock ignores the dilation: ``backbone_dilation=False``).
 """
 
 from __future__ import annotations
@@ -35,6 +41,23 @@ class BitCDConfig:
     dim_head: int = 64
     mlp_ratio: int = 2
     num_classes: int = 2
+    attention_scale: str = "dim_head"  # softmax scale 1/sqrt(dim_head); "dim": 1/sqrt(feature_dim), as BIT's code
+    qkv_bias: bool = True  # BIT's code has none
+    dec_dim_head: int | None = None  # decoder head width; None: dim_head
+    backbone_dilation: bool = True  # False: stride removed without dilation, as BIT's code (output_stride < 32)
+
+
+# The BIT code's own layer options (its released LEVIR-CD model also has dec_dim_head=8, read from its weights).
+BIT_ORIGINAL = {"attention_scale": "dim", "qkv_bias": False, "backbone_dilation": False}
+ATTENTION_SCALES = ("dim_head", "dim")
+
+
+def _undilate(backbone: ResNetBackbone) -> None:
+    """Undo the dilation of the stages whose stride was removed (BIT's BasicBlock ignores dilation)."""
+    for m in backbone.layers.modules():
+        if isinstance(m, nn.Conv2d) and m.dilation != (1, 1):
+            m.dilation = (1, 1)
+            m.padding = (m.kernel_size[0] // 2, m.kernel_size[1] // 2)
 
 
 @dataclass
@@ -57,15 +80,22 @@ class BitCD(nn.Module):
         self.cfg = cfg
         self.backbone = ResNetBackbone(cfg.backbone, cfg.in_channels, cfg.backbone_stages, cfg.output_stride,
                                        backbone_weights)
+        if not cfg.backbone_dilation:
+            _undilate(self.backbone)
+        if cfg.attention_scale not in ATTENTION_SCALES:
+            raise ValueError(f"attention_scale must be one of {ATTENTION_SCALES}, not {cfg.attention_scale!r}")
         c = cfg.feature_dim
+        scale = c ** -0.5 if cfg.attention_scale == "dim" else None
         self.reduce = nn.Conv2d(self.backbone.out_channels, c, 3, padding=1)
         self.tokenizer = nn.Conv2d(c, cfg.token_len, 1, bias=False)
         self.pos = nn.Parameter(torch.randn(1, 2 * cfg.token_len, c) * 0.02)
         mlp = c * cfg.mlp_ratio
         self.encoder = nn.ModuleList(
-            [PreNormBlock(c, cfg.heads, cfg.dim_head, mlp, cross=False) for _ in range(cfg.enc_depth)])
+            [PreNormBlock(c, cfg.heads, cfg.dim_head, mlp, cross=False, qkv_bias=cfg.qkv_bias, scale=scale)
+             for _ in range(cfg.enc_depth)])
         self.decoder = nn.ModuleList(
-            [PreNormBlock(c, cfg.heads, cfg.dim_head, mlp, cross=True) for _ in range(cfg.dec_depth)])
+            [PreNormBlock(c, cfg.heads, cfg.dec_dim_head or cfg.dim_head, mlp, cross=True, qkv_bias=cfg.qkv_bias,
+                          scale=scale) for _ in range(cfg.dec_depth)])
         self.head = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
                                   nn.Conv2d(c, cfg.num_classes, 3, padding=1))
 

@@ -1,0 +1,209 @@
+"""Proof that an imported checkpoint computes what the peer's own code computes.
+
+For a family (``bit``), this builds the peer's model from the peer's own code with random weights, saves it in the
+peer's checkpoint format (BIT_CD: its trainer's ``{'model_G_state_dict', 'optimizer_G_state_dict', ...}``),
+imports it with ``changescribe models import``, and runs both on the same inputs: the peer's sample pairs (real
+LEVIR-CD crops in BIT_CD/samples) and random pairs. It reports the largest difference of the change probability
+(must be < 1e-4) and whether the argmax masks are identical. ``--manifest`` also writes the (key, shape) facts of
+the peer's checkpoint that the offline tests (tests/test_published.py) rebuild checkpoints from.
+
+    git -C /work/.mirror/justchenhao+BIT_CD/repo archive HEAD | tar -x -C /tmp/BIT_CD
+    pip install --target /tmp/peerdeps einops            # the peer's one extra dependency
+    PYTHONPATH=/tmp/peerdeps .venv/bin/python bench/import_equivalence.py bit /tmp/BIT_CD
+
+Shims (here, never in the project): BIT_CD imports ``torchvision.models.utils.load_state_dict_from_url`` (gone
+from torchvision) to download ImageNet weights; a stand-in module returns a randomly initialised ResNet's state
+dict instead, so nothing is downloaded and every weight is random anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+MANIFESTS = REPO / "tests" / "data" / "published"
+
+
+def _randomise(net: torch.nn.Module, seed: int) -> None:
+    """Weights with healthy activations (the peer's N(0, 0.02) init makes a deep ResNet's output near constant,
+    which would prove little): fan-in scaled normal weights, non-trivial norms and batch-norm statistics."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in net.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            r = torch.randn(t.shape, generator=g)
+            if name.endswith("running_var"):
+                t.copy_(0.5 + torch.rand(t.shape, generator=g))
+            elif name.endswith("running_mean") or name.endswith("bias"):
+                t.copy_(0.1 * r)
+            elif t.dim() == 1:  # norm weights
+                t.copy_(1.0 + 0.1 * r)
+            elif "pos_embedding" in name:
+                t.copy_(r)
+            else:
+                fan_in = t[0].numel()
+                t.copy_(r / fan_in ** 0.5)
+
+
+def _peer_bit(peer: Path, variant: str):
+    """BIT_CD's ``define_G`` for ``variant`` (its net_G names), on the CPU."""
+    import torchvision
+
+    utils = types.ModuleType("torchvision.models.utils")
+
+    def load_state_dict_from_url(url: str, progress: bool = True, **_: object) -> dict:  # shim: no download
+        arch = url.rsplit("/", 1)[-1].split("-")[0]
+        return getattr(torchvision.models, arch)(weights=None).state_dict()
+
+    utils.load_state_dict_from_url = load_state_dict_from_url
+    sys.modules["torchvision.models.utils"] = utils
+    sys.path.insert(0, str(peer))
+    from models.networks import define_G  # the peer's own code
+
+    return define_G(argparse.Namespace(net_G=variant), gpu_ids=[])
+
+
+def _save_bit_checkpoint(net: torch.nn.Module, path: Path) -> None:
+    """The dict BIT_CD's trainer saves (models/trainer.py _save_checkpoint), with a stepped SGD optimiser."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 - epoch / 201)
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    opt.step()
+    net.load_state_dict(state)  # the step only creates momentum buffers; weights stay as randomised
+    torch.save({"epoch_id": 199, "best_val_acc": 0.9, "best_epoch_id": 187, "model_G_state_dict": net.state_dict(),
+                "optimizer_G_state_dict": opt.state_dict(), "exp_lr_scheduler_G_state_dict": sched.state_dict()}, path)
+
+
+def _pairs(peer: Path, n_random: int, seed: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The peer's sample pairs (real LEVIR-CD crops) and random 0..255 pairs, as (name, HxWx3, HxWx3) uint8."""
+    from PIL import Image
+
+    pairs = []
+    for a in sorted((peer / "samples" / "A").glob("*.png")):
+        b = peer / "samples" / "B" / a.name
+        if b.is_file():
+            pairs.append((a.name, np.asarray(Image.open(a).convert("RGB")), np.asarray(Image.open(b).convert("RGB"))))
+    rng = np.random.default_rng(seed)
+    for i in range(n_random):
+        pairs.append((f"random{i}", rng.integers(0, 256, (256, 256, 3), dtype=np.uint8),
+                      rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)))
+    return pairs
+
+
+def _manifest_text(manifest: dict) -> str:
+    """JSON with one (key, shape, dtype) per line, so a diff of two peer versions reads layer by layer."""
+    head = json.dumps({k: v for k, v in manifest.items() if k != "keys"}, indent=1)[:-2]
+    rows = ",\n".join("  " + json.dumps(row) for row in manifest["keys"])
+    return f'{head},\n "keys": [\n{rows}\n ]\n}}\n'
+
+
+def _commit(peer: Path) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(peer), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout; pass --commit)"
+
+
+def run_bit(args: argparse.Namespace) -> dict:
+    from changescribe.core.cli import main as cli_main
+    from changescribe.core.model_loading import load_model_file
+
+    torch.manual_seed(args.seed)
+    net = _peer_bit(Path(args.peer), args.variant).eval()
+    _randomise(net, args.seed)
+    results = {"family": "bit", "variant": args.variant, "peer_commit": args.commit or _commit(Path(args.peer))}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "best_ckpt.pt"
+        _save_bit_checkpoint(net, ckpt)
+        if args.manifest:
+            saved = torch.load(ckpt, weights_only=True)
+            MANIFESTS.mkdir(parents=True, exist_ok=True)
+            manifest = {"family": "bit", "repository": "https://github.com/justchenhao/BIT_CD",
+                        "commit": results["peer_commit"], "variant": args.variant,
+                        "container": sorted(saved), "state_key": "model_G_state_dict",
+                        "keys": [[k, list(v.shape), str(v.dtype).removeprefix("torch.")]
+                                 for k, v in saved["model_G_state_dict"].items()]}
+            out = MANIFESTS / f"bit_{args.variant}.json"
+            out.write_text(_manifest_text(manifest))
+            results["manifest"] = str(out.relative_to(REPO))
+        code = cli_main(["models", "import", str(ckpt), "--from", "bit", "--folder", tmp, "--name", "bit-test"])
+        if code:
+            raise SystemExit(f"import failed with exit code {code}")
+        model = load_model_file(Path(tmp) / "bit-test.json")
+        worst, masks_equal, spread = 0.0, True, []
+        for name, a, b in _pairs(Path(args.peer), args.random_pairs, args.seed):
+            ta = torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float()
+            tb = torch.from_numpy(b.copy()).permute(2, 0, 1)[None].float()
+            with torch.no_grad():  # the peer's input: ToTensor then Normalize(0.5, 0.5)
+                logits = net((ta / 255 - 0.5) / 0.5, (tb / 255 - 0.5) / 0.5)
+            peer_prob = logits.softmax(1)[:, 1]
+            ours = model.change_probability(ta, tb)
+            diff = float((peer_prob - ours).abs().max())
+            worst = max(worst, diff)
+            decided = (peer_prob - 0.5).abs() > 1e-4  # pixels within rounding of a tie could go either way
+            same = bool(torch.equal(logits.argmax(1)[decided], (ours > 0.5).long()[decided]))
+            masks_equal &= same
+            spread.append(float(peer_prob.std()))
+            print(f"{name:28s} max |p_peer - p_ours| = {diff:.2e}   masks equal: {same}   "
+                  f"p mean {float(peer_prob.mean()):.3f} std {float(peer_prob.std()):.3f}")
+        if args.time_batch:
+            results["pairs_per_s"] = _time_both(net, model, args.time_batch, args.seed)
+    results.update(pairs=len(spread), max_abs_diff=worst, masks_equal=masks_equal, ok=worst < 1e-4 and masks_equal,
+                   probability_std_min=min(spread))
+    return results
+
+
+def _time_both(net: torch.nn.Module, model, batch: int, seed: int, reps: int = 3) -> dict:
+    """Pairs/s of the peer's forward pass and of the imported model's change_probability on the same batch, on
+    this CPU, in this process, alternating (median of ``reps`` each, after one warm-up)."""
+    import time
+
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.rand(batch, 3, 256, 256, generator=g) * 255, torch.rand(batch, 3, 256, 256, generator=g) * 255
+    runs = {"peer": lambda: net((a / 255 - 0.5) / 0.5, (b / 255 - 0.5) / 0.5), "imported": lambda: model.change_probability(a, b)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    with torch.inference_mode():
+        for fn in runs.values():
+            fn()
+        for _ in range(reps):
+            for key, fn in runs.items():
+                t0 = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t0)
+    return {k: round(batch / sorted(v)[len(v) // 2], 2) for k, v in times.items()} | {"batch": batch,
+                                                                                        "threads": torch.get_num_threads()}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("family", choices=["bit"])
+    p.add_argument("peer", help="a checkout of the peer's code (BIT_CD)")
+    p.add_argument("--variant", default="base_transformer_pos_s4_dd8_dedim8",
+                   help="the peer's model name (BIT_CD --net_G; default: its released LEVIR-CD model's)")
+    p.add_argument("--random-pairs", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--commit", default=None, help="the peer commit, when the checkout is not a git repository")
+    p.add_argument("--time-batch", type=int, default=0, help="also time both on this many random pairs per batch")
+    p.add_argument("--manifest", action="store_true", help="also write tests/data/published/<family>_<variant>.json")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    results = run_bit(args)
+    print(json.dumps(results))
+    return 0 if results["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Published state dicts -> ChangeScribe modules: the key and tensor layout of each family's own code.
+
+A converter reads the architecture's size from the checkpoint's shapes (so every variant a code base trains
+imports), builds the registered architecture with the options that make it compute what the original computes,
+renames every tensor, and then checks the fit: a tensor the checkpoint lacks, one it has that nothing uses, or a
+shape that differs is named in one message, never loaded partly. Which keys exist and what they hold was read from
+each family's public code (the commit is in :mod:`..published`); ``tests/data/published/*.json`` records them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoints import CheckpointError
+from .bit_cd import BIT_ORIGINAL, BitCD, BitCDConfig
+
+# Where a training checkpoint keeps the weights (BIT_CD's trainer saves {'model_G_state_dict': ..., optimiser, ...}).
+STATE_KEYS = ("model_G_state_dict", "state_dict", "model")
+
+
+def checkpoint_state(raw: Any, source: str) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded checkpoint: a training checkpoint's weights entry, or the dict itself;
+    ``module.`` (DataParallel) prefixes removed."""
+    state = raw
+    if isinstance(raw, Mapping):
+        for key in STATE_KEYS:
+            if isinstance(raw.get(key), Mapping):
+                state = raw[key]
+                break
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{source} holds a {type(raw).__name__}, not a state dict of tensors")
+    tensors = {str(k).removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{source} holds no tensors (keys: {', '.join(map(str, list(state)[:6]))})")
+    return tensors
+
+
+def _shape(t: torch.Tensor | tuple) -> str:
+    return "x".join(map(str, tuple(t.shape) if isinstance(t, torch.Tensor) else t)) or "scalar"
+
+
+def _names(items: list[str], limit: int = 4) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+class StateMapping:
+    """Converted tensors, with the checkpoint key each came from, and the checkpoint keys that were used."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        self.state = state
+        self.out: dict[str, torch.Tensor] = {}
+        self.origin: dict[str, str] = {}
+        self.used: set[str] = set()
+
+    def put(self, target: str, tensor: torch.Tensor, origin: str) -> None:
+        self.out[target] = tensor
+        self.origin[target] = origin
+        self.used.add(origin)
+
+    def rename(self, rules: list[tuple[str, str]]) -> None:
+        """Every checkpoint key matching a rule's pattern (a full-match regex) goes to its replacement."""
+        compiled = [(re.compile(p), r) for p, r in rules]
+        for key, tensor in self.state.items():
+            for pattern, repl in compiled:
+                if pattern.fullmatch(key):
+                    self.put(pattern.sub(repl, key), tensor, key)
+                    break
+
+    def ignore(self, patterns: list[str]) -> None:
+        """Checkpoint keys the original builds but never uses in its forward pass (e.g. ResNet's unused layer4)."""
+        compiled = [re.compile(p) for p in patterns]
+        self.used.update(k for k in self.state if any(p.fullmatch(k) for p in compiled))
+
+    def load_into(self, module: nn.Module, family: str, source: str) -> None:
+        """Load strictly, or raise one line naming the layers that did not fit."""
+        target = module.state_dict()
+        missing = [k for k in target if k not in self.out]
+        shapes = [f"{self.origin[k]} {_shape(self.out[k])} (needs {_shape(target[k])})"
+                  for k in target if k in self.out and self.out[k].shape != target[k].shape]
+        unknown = sorted(set(self.state) - self.used)
+        if missing or shapes or unknown:
+            parts = []
+            if shapes:
+                parts.append(f"wrong shape: {_names(shapes)}")
+            if missing:
+                parts.append(f"missing: {_names(missing)}")
+            if unknown:
+                parts.append(f"not in the {family} layout: {_names(unknown)}")
+            n = len(missing) + len(shapes) + len(unknown)
+            raise CheckpointError(f"{source} does not fit the {family!r} family: {n} layer(s) did not fit; "
+                                  + "; ".join(parts))
+        module.load_state_dict({k: v.to(target[k].dtype) for k, v in self.out.items()}, strict=True)
+
+
+def _need(state: dict[str, torch.Tensor], key: str, family: str, source: str) -> torch.Tensor:
+    if key not in state:
+        raise CheckpointError(f"{source} does not fit the {family!r} family: it has no {key!r} "
+                              f"(its keys start {_names(sorted(state), 3)})")
+    return state[key]
+
+
+def _count(state: dict[str, torch.Tensor], pattern: str) -> int:
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in state if (m := rx.fullmatch(k))})
+
+
+# BIT_CD's names (models/networks.py BASE_Transformer, models/help_funcs.py): resnet.* (a torchvision ResNet-18),
+# conv_pred (3x3 to 32 channels), conv_a (tokenizer), pos_embedding, transformer.layers.i.{0: Residual(PreNorm(
+# Attention with one fused to_qkv)), 1: Residual(PreNorm(FeedForward))}, transformer_decoder.layers.i.{0:
+# Residual2(PreNorm2(Cross_Attention: one LayerNorm for query and memory, separate to_q/to_k/to_v)), 1: ...},
+# classifier (TwoLayerConv2d: conv, BN, ReLU, conv).
+_BIT_RULES = [
+    (r"resnet\.(conv1|bn1)\.(.+)", r"backbone.\1.\2"),
+    (r"resnet\.layer1\.(.+)", r"backbone.layers.0.\1"),
+    (r"resnet\.layer2\.(.+)", r"backbone.layers.1.\1"),
+    (r"resnet\.layer3\.(.+)", r"backbone.layers.2.\1"),
+    (r"resnet\.layer4\.(.+)", r"backbone.layers.3.\1"),
+    (r"conv_pred\.(weight|bias)", r"reduce.\1"),
+    (r"conv_a\.weight", r"tokenizer.weight"),
+    (r"pos_embedding", r"pos"),
+    (r"classifier\.(\d+)\.(.+)", r"head.\1.\2"),
+    (r"transformer\.layers\.(\d+)\.0\.fn\.norm\.(weight|bias)", r"encoder.\1.norm_q.\2"),
+    (r"transformer\.layers\.(\d+)\.0\.fn\.fn\.to_out\.0\.(weight|bias)", r"encoder.\1.attn.to_out.\2"),
+    (r"transformer\.layers\.(\d+)\.1\.fn\.norm\.(weight|bias)", r"encoder.\1.norm_ff.\2"),
+    (r"transformer\.layers\.(\d+)\.1\.fn\.fn\.net\.(0|3)\.(weight|bias)", r"encoder.\1.ff.net.\2.\3"),
+    (r"transformer_decoder\.layers\.(\d+)\.0\.fn\.fn\.(to_q|to_k|to_v)\.weight", r"decoder.\1.attn.\2.weight"),
+    (r"transformer_decoder\.layers\.(\d+)\.0\.fn\.fn\.to_out\.0\.(weight|bias)", r"decoder.\1.attn.to_out.\2"),
+    (r"transformer_decoder\.layers\.(\d+)\.1\.fn\.norm\.(weight|bias)", r"decoder.\1.norm_ff.\2"),
+    (r"transformer_decoder\.layers\.(\d+)\.1\.fn\.fn\.net\.(0|3)\.(weight|bias)", r"decoder.\1.ff.net.\2.\3"),
+]
+_BIT_HEADS = 8  # fixed in BIT_CD's BASE_Transformer
+_BIT_STAGES = {128: 2, 256: 3, 512: 4}  # conv_pred's input width -> ResNet stages kept (its resnet_stages_num - 1)
+
+
+def bit_config(state: dict[str, torch.Tensor], source: str) -> BitCDConfig:
+    """The BIT_CD variant a state dict holds (base_transformer_pos_s4[_dd8[_dedim8]] and the like), from shapes."""
+    need = lambda key: _need(state, key, "bit", source)  # noqa: E731
+    reduce_w = need("conv_pred.weight")
+    stages = _BIT_STAGES.get(int(reduce_w.shape[1]))
+    if stages is None:
+        raise CheckpointError(f"{source}: conv_pred takes {reduce_w.shape[1]} channels, which no ResNet-18 stage has")
+    feature_dim = int(reduce_w.shape[0])
+    enc_depth = _count(state, r"transformer\.layers\.(\d+)\.0\.fn\.fn\.to_qkv\.weight")
+    dec_depth = _count(state, r"transformer_decoder\.layers\.(\d+)\.0\.fn\.fn\.to_q\.weight")
+    if not enc_depth or not dec_depth:
+        raise CheckpointError(f"{source} does not fit the 'bit' family: it has no transformer "
+                              f"{'encoder' if not enc_depth else 'decoder'} (BIT_CD's base_resnet18 is not a BIT "
+                              "model)")
+    enc_inner = int(need("transformer.layers.0.0.fn.fn.to_qkv.weight").shape[0]) // 3
+    dec_inner = int(need("transformer_decoder.layers.0.0.fn.fn.to_q.weight").shape[0])
+    mlp = int(need("transformer.layers.0.1.fn.fn.net.0.weight").shape[0])
+    return BitCDConfig(backbone="resnet18", backbone_stages=stages, output_stride=8, feature_dim=feature_dim,
+                       token_len=int(need("conv_a.weight").shape[0]), enc_depth=enc_depth, dec_depth=dec_depth,
+                       heads=_BIT_HEADS, dim_head=max(1, enc_inner // _BIT_HEADS), mlp_ratio=max(1, mlp // feature_dim),
+                       num_classes=int(need("classifier.3.weight").shape[0]),
+                       dec_dim_head=max(1, dec_inner // _BIT_HEADS), **BIT_ORIGINAL)
+
+
+def convert_bit(state: dict[str, torch.Tensor], source: str) -> tuple[nn.Module, BitCDConfig]:
+    """BIT_CD's ``BASE_Transformer`` state dict -> ``bit-cd`` with BIT's own layer options."""
+    cfg = bit_config(state, source)
+    module = BitCD(cfg)
+    m = StateMapping(state)
+    m.rename(_BIT_RULES)
+    for i in range(cfg.enc_depth):  # the fused q/k/v projection, split in its own order
+        key = f"transformer.layers.{i}.0.fn.fn.to_qkv.weight"
+        if key in state:
+            for name, part in zip(("to_q", "to_k", "to_v"), state[key].chunk(3, dim=0)):
+                m.put(f"encoder.{i}.attn.{name}.weight", part, key)
+    for i in range(cfg.dec_depth):  # PreNorm2 normalises query and memory with one LayerNorm
+        for p in ("weight", "bias"):
+            key = f"transformer_decoder.layers.{i}.0.fn.norm.{p}"
+            if key in state:
+                m.put(f"decoder.{i}.norm_q.{p}", state[key], key)
+                m.put(f"decoder.{i}.norm_ctx.{p}", state[key].clone(), key)
+    # BIT_CD builds a whole ResNet-18 but runs it only up to its stage count: the rest is never used
+    kept = cfg.backbone_stages
+    m.ignore([r"resnet\.fc\.(weight|bias)"] + [rf"resnet\.layer{n}\..+" for n in range(kept + 1, 5)])
+    for n in range(kept + 1, 5):
+        for k in [k for k in m.out if k.startswith(f"backbone.layers.{n - 1}.")]:
+            del m.out[k]
+    m.load_into(module, "bit", source)
+    return module, cfg
+
+
+CONVERTERS: dict[str, Callable[[dict[str, torch.Tensor], str], tuple[nn.Module, Any]]] = {"bit": convert_bit}
+# The config each family's checkpoint implies, from its shapes alone (bench/models.py times it without weights).
+CONFIGS: dict[str, Callable[[dict[str, torch.Tensor], str], Any]] = {"bit": bit_config}
+
+
+def convert(family: str, raw: Any, source: str) -> tuple[nn.Module, Any]:
+    """A loaded checkpoint of ``family`` -> (module with its weights, config), or :class:`CheckpointError`."""
+    module, config = CONVERTERS[family](checkpoint_state(raw, source), source)
+    return module.eval(), config

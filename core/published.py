@@ -1,0 +1,196 @@
+"""Published checkpoints of other projects, turned into ChangeScribe model files (``changescribe models import``).
+
+Papers publish their trained weights in their own code's layout. Each *family* here names such a code base, the
+registered architecture that matches it layer for layer (with the options that make it op for op the same), what
+its checkpoints were trained on and reported, and under which terms they are published. Importing reads the
+checkpoint safely (``torch.load(weights_only=True)``: tensors and plain containers only, never pickled code),
+renames its tensors to the architecture's (:mod:`.models.converters`), checks that every layer fits, and writes a
+model file (safetensors + card) that never replaces an existing one and is never left half-written.
+
+Listing the families needs only the standard library (the dock and Processing list them without torch).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .atomic import TAG
+from .errors import InputError
+from .model_file import CARD_SUFFIX, WEIGHTS_SUFFIX
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What a family's checkpoint for one dataset was trained at and what its paper reports on that data's test
+    split (metrics as fractions, as ChangeScribe's cards hold them)."""
+
+    name: str
+    gsd: float | None
+    metrics: dict[str, float]
+    split: str
+    checkpoint: str  # where this checkpoint is published
+
+
+@dataclass(frozen=True)
+class Family:
+    """A published code base whose checkpoints ChangeScribe can import."""
+
+    name: str
+    architecture: str  # the registered architecture that matches it layer for layer
+    title: str
+    paper: str
+    repository: str
+    commit: str  # the peer code the conversion was checked against (bench/import_equivalence.py)
+    licence: str
+    weights_terms: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    tile_size: int
+    datasets: dict[str, DatasetFacts] = field(default_factory=dict)
+
+    @property
+    def default_dataset(self) -> str:
+        return next(iter(self.datasets))
+
+
+BIT = Family(
+    name="bit",
+    architecture="bit-cd",
+    title="BIT (justchenhao/BIT_CD)",
+    paper="Chen, Qi & Shi, 'Remote sensing image change detection with transformers', IEEE TGRS 2021",
+    repository="https://github.com/justchenhao/BIT_CD",
+    commit="adcd7aea6f234586ffffdd4e9959404f96271711",
+    licence="BIT_CD: code released for non-commercial and research purposes only; for commercial purposes, "
+            "contact the authors",
+    weights_terms="research and non-commercial use only (BIT_CD's terms)",
+    # its data loader: ToTensor (0..1) then Normalize(0.5, 0.5) -> (x - 127.5) / 127.5 on the 0..255 scale
+    mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5), tile_size=256,
+    datasets={"LEVIR-CD": DatasetFacts(
+        name="LEVIR-CD", gsd=0.5,
+        metrics={"F1": 0.8931, "IoU": 0.8068, "OA": 0.9892, "precision": 0.8924, "recall": 0.8937},
+        split="LEVIR-CD test split, 256 px crops (as reported in the BIT paper)",
+        checkpoint="checkpoints/BIT_LEVIR/best_ckpt.pt: Google Drive "
+                   "https://drive.google.com/file/d/1IVdF5a3e1_7DiSndtMkhpZuCSgDLLFcg or Baidu (code 2lyz), "
+                   "linked from the BIT_CD README")},
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (BIT,)}
+
+
+def get_family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise InputError(f"unknown checkpoint family {name!r}; known: {', '.join(sorted(FAMILIES))}") from None
+
+
+def family_choices() -> list[tuple[str, str]]:
+    """(name, title) of every family, for the CLI's help, the dock and Processing."""
+    return [(f.name, f.title) for f in FAMILIES.values()]
+
+
+def published_checkpoints() -> list[tuple[str, str, str]]:
+    """(family, dataset, label) of every published checkpoint that imports, in a stable order (dock, Processing)."""
+    return [(f.name, d, f"{f.title}, {d}") for f in FAMILIES.values() for d in f.datasets]
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def default_name(family: Family, dataset: str) -> str:
+    return f"{family.name}-{dataset.lower()}"
+
+
+def model_paths(folder: str | os.PathLike, name: str) -> tuple[Path, Path]:
+    """(card, weights) of a model file called ``name`` in ``folder``."""
+    folder = Path(folder)
+    return folder / (name + CARD_SUFFIX), folder / (name + WEIGHTS_SUFFIX)
+
+
+def check_destination(folder: str | os.PathLike, name: str) -> tuple[Path, Path]:
+    """Refuse a bad name, a folder that is a file, or a model file that already exists (never replaced)."""
+    if not _NAME.match(name):
+        raise InputError(f"model name {name!r} is not usable as a file name: use letters, digits, '.', '_' and '-'")
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"the model folder {folder} is a file, not a folder")
+    card, weights = model_paths(folder, name)
+    for p in (card, weights):
+        if os.path.lexists(p):
+            raise InputError(f"{p} already exists; model files are never replaced: choose another --name or folder")
+    return card, weights
+
+
+def import_checkpoint(checkpoint: str | os.PathLike, family: str, folder: str | os.PathLike, name: str | None = None,
+                      dataset: str | None = None) -> Path:
+    """Convert a published ``checkpoint`` of ``family`` into the model file ``folder/NAME.{json,safetensors}``;
+    returns the card path. Nothing is written unless the whole conversion succeeds and the written file loads
+    back strictly; an existing model file is never replaced."""
+    fam = get_family(family)
+    dataset = dataset or fam.default_dataset
+    if dataset not in fam.datasets:
+        raise InputError(f"family {fam.name!r} has no published checkpoint for dataset {dataset!r}; known: "
+                         f"{', '.join(fam.datasets)}")
+    facts = fam.datasets[dataset]
+    name = name or default_name(fam, dataset)
+    source = Path(checkpoint)
+    if not source.is_file():
+        raise InputError(f"checkpoint {source} not found" if not source.exists() else f"checkpoint {source} is not a file")
+    card_path, weights_path = check_destination(folder, name)
+
+    from .checkpoints import load_torch_file
+    from .model_api import InputSpec
+    from .model_file import read_card, save_model_file, sha256_file
+    from .model_loading import build_from_card
+    from .models.converters import convert
+
+    raw = load_torch_file(source)  # weights_only=True: refuses pickled objects with one clear line
+    module, config = convert(fam.name, raw, str(source))
+    spec = InputSpec(bands=3, mean=fam.mean, std=fam.std, tile_size=fam.tile_size, gsd=facts.gsd)
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TAG}-import-{os.getpid()}-", dir=folder))
+    except OSError as e:
+        raise InputError(f"cannot write in the model folder {folder}: {e.strerror or e}") from None
+    try:
+        written = save_model_file(
+            tmp / card_path.name, module, fam.architecture, config, spec, name=name, version="imported",
+            description=f"{fam.title}, imported from its published {dataset} checkpoint: change mask only.",
+            training_data=f"{dataset} (the published checkpoint's own training)",
+            metrics={"test": {"data": f"{dataset} test (reported by the paper)", "split": facts.split,
+                              **facts.metrics}},
+            licence=fam.licence, weights_terms=fam.weights_terms, paper=fam.paper,
+            source={"family": fam.name, "repository": fam.repository, "code_commit": fam.commit,
+                    "published": facts.checkpoint, "checkpoint": source.name,
+                    "checkpoint_sha256": sha256_file(source)})
+        build_from_card(read_card(written))  # the written file must load back, strictly, before it is shown
+        _place(tmp / weights_path.name, weights_path)
+        try:
+            _place(written, card_path)
+        except BaseException:
+            weights_path.unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        raise InputError(f"cannot write the model file in {folder}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return card_path
+
+
+def _place(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst`` unless ``dst`` exists (a hard link fails on an existing name: no race)."""
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        raise InputError(f"{dst} appeared while importing; it is not replaced") from None
+    except OSError:  # a file system without hard links: the temporary folder is beside dst, so rename is atomic
+        if os.path.lexists(dst):
+            raise InputError(f"{dst} appeared while importing; it is not replaced") from None
+        os.rename(src, dst)
+    src.unlink(missing_ok=True)

@@ -1,0 +1,280 @@
+"""Importing published checkpoints (``changescribe models import``), offline.
+
+Each test writes a checkpoint with the peer's exact key names and shapes, in the peer's own container, from the
+committed manifest tests/data/published/*.json (written by bench/import_equivalence.py from the peer's code; the
+numerical equivalence with that code is the bench script's job). Real torch.save / torch.load, real files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from changescribe.core.cli import main as cli_main
+from changescribe.core.model_file import read_card
+from changescribe.core.model_loading import load_model_file
+
+MANIFEST = Path(__file__).parent / "data" / "published" / "bit_base_transformer_pos_s4_dd8_dedim8.json"
+
+
+def _manifest() -> dict:
+    return json.loads(MANIFEST.read_text())
+
+
+def peer_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors under the peer's key names, shapes and dtypes (running variances positive)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape, dtype in _manifest()["keys"]:
+        if dtype == "int64":
+            state[key] = torch.tensor(7) if not shape else torch.zeros(shape, dtype=torch.int64)
+        elif key.endswith("running_var"):
+            state[key] = 0.5 + torch.rand(shape, generator=g)
+        else:
+            fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
+            state[key] = torch.randn(shape, generator=g) / fan_in ** 0.5
+    return state
+
+
+def save_peer_checkpoint(path: Path, state: dict[str, torch.Tensor], **extra) -> Path:
+    """The container BIT_CD's trainer writes: its weights under model_G_state_dict beside plain numbers."""
+    container = {k: 1 for k in _manifest()["container"]}
+    container.update({"model_G_state_dict": state, "optimizer_G_state_dict": {"state": {}, "param_groups": []},
+                      "exp_lr_scheduler_G_state_dict": {"last_epoch": 3}, **extra})
+    torch.save(container, path)
+    return path
+
+
+def run_import(capsys, *args: str) -> tuple[int, str]:
+    code = cli_main(["models", "import", *args])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> tuple[Path, dict[str, torch.Tensor]]:
+    state = peer_state()
+    return save_peer_checkpoint(tmp_path / "best_ckpt.pt", state), state
+
+
+def test_manifest_is_the_peers_released_levir_model():
+    m = _manifest()
+    assert m["repository"] == "https://github.com/justchenhao/BIT_CD" and len(m["commit"]) == 40
+    keys = {k: shape for k, shape, _ in m["keys"]}
+    # dedim8: 8 heads x 8 in the decoder, 8 x 64 in the encoder (fused qkv), C = 32, 4 tokens, 8 decoder layers
+    assert keys["transformer_decoder.layers.0.0.fn.fn.to_q.weight"] == [64, 32]
+    assert keys["transformer.layers.0.0.fn.fn.to_qkv.weight"] == [1536, 32]
+    assert keys["conv_a.weight"] == [4, 32, 1, 1] and keys["pos_embedding"] == [1, 8, 32]
+    assert sum(k.endswith("0.fn.fn.to_q.weight") for k in keys) == 8
+
+
+def test_bit_checkpoint_imports_with_every_tensor_where_the_peer_uses_it(tmp_path, capsys, checkpoint):
+    ckpt, state = checkpoint
+    code, out = run_import(capsys, str(ckpt), "--from", "bit", "--folder", str(tmp_path / "models"))
+    assert code == 0, out
+    card_path = tmp_path / "models" / "bit-levir-cd.json"
+    assert f"model file: {card_path}" in out
+    card = read_card(card_path)
+    cfg = card["config"]
+    assert (cfg["attention_scale"], cfg["qkv_bias"], cfg["backbone_dilation"]) == ("dim", False, False)
+    assert (cfg["dec_dim_head"], cfg["dim_head"], cfg["dec_depth"], cfg["enc_depth"], cfg["token_len"]) == (8, 64, 8, 1, 4)
+    model = load_model_file(card_path)
+    ours = model.module.state_dict()
+    qkv = state["transformer.layers.0.0.fn.fn.to_qkv.weight"]
+    assert torch.equal(ours["encoder.0.attn.to_q.weight"], qkv[:512])
+    assert torch.equal(ours["encoder.0.attn.to_k.weight"], qkv[512:1024])
+    assert torch.equal(ours["encoder.0.attn.to_v.weight"], qkv[1024:])
+    norm = state["transformer_decoder.layers.5.0.fn.norm.weight"]
+    assert torch.equal(ours["decoder.5.norm_q.weight"], norm) and torch.equal(ours["decoder.5.norm_ctx.weight"], norm)
+    assert torch.equal(ours["decoder.7.attn.to_v.weight"], state["transformer_decoder.layers.7.0.fn.fn.to_v.weight"])
+    assert torch.equal(ours["backbone.layers.2.1.conv2.weight"], state["resnet.layer3.1.conv2.weight"])
+    assert torch.equal(ours["head.3.bias"], state["classifier.3.bias"])
+    assert torch.equal(ours["pos"], state["pos_embedding"])
+    assert not any(k.startswith("backbone.layers.3") for k in ours)  # BIT runs its ResNet-18 to layer3 only
+    # layer3 as BIT_CD's BasicBlock builds it: stride 1, no dilation
+    conv = model.module.backbone.layers[2][1].conv1
+    assert (conv.stride, conv.dilation, conv.padding) == ((1, 1), (1, 1), (1, 1))
+    prob = model.change_probability(torch.rand(2, 3, 64, 64) * 255, torch.rand(2, 3, 64, 64) * 255)
+    assert prob.shape == (2, 64, 64) and float(prob.std()) > 0
+
+
+def test_card_carries_source_normalisation_metrics_and_terms(tmp_path, capsys, checkpoint):
+    ckpt, _ = checkpoint
+    code, out = run_import(capsys, str(ckpt), "--from", "bit", "--dataset", "LEVIR-CD", "--name", "bit-mine",
+                           "--folder", str(tmp_path))
+    assert code == 0, out
+    card = read_card(tmp_path / "bit-mine.json")
+    assert card["name"] == "bit-mine" and card["architecture"] == "bit-cd" and card["vocabulary"] is None
+    assert card["input"] == {"bands": 3, "mean": [127.5] * 3, "std": [127.5] * 3, "tile_size": 256, "gsd": 0.5}
+    assert card["metrics"]["test"]["F1"] == pytest.approx(0.8931)
+    assert "LEVIR-CD" in card["metrics"]["test"]["data"]
+    assert "non-commercial" in card["licence"] and "non-commercial" in card["weights_terms"]
+    src = card["source"]
+    assert src["repository"] == "https://github.com/justchenhao/BIT_CD" and src["code_commit"] == _manifest()["commit"]
+    assert src["checkpoint"] == "best_ckpt.pt" and len(src["checkpoint_sha256"]) == 64
+    from changescribe.core.model_card import card_summary
+
+    assert "F1 0.89 on LEVIR-CD test" in card_summary(card)
+
+
+def test_original_attention_scale_is_one_over_sqrt_of_the_feature_width():
+    """BIT's Attention: softmax(q k^T * dim**-0.5) v with q, k, v without bias, written out here by hand."""
+    from changescribe.core.models.attention import PreNormBlock
+
+    torch.manual_seed(0)
+    blk = PreNormBlock(32, 8, 8, 64, cross=True, qkv_bias=False, scale=32 ** -0.5).eval()
+    x, m = torch.randn(2, 50, 32), torch.randn(2, 4, 32)
+    a = blk.attn
+    q = a.to_q(blk.norm_q(x)).view(2, 50, 8, 8).transpose(1, 2)
+    k = a.to_k(blk.norm_ctx(m)).view(2, 4, 8, 8).transpose(1, 2)
+    v = a.to_v(blk.norm_ctx(m)).view(2, 4, 8, 8).transpose(1, 2)
+    att = (torch.einsum("bhid,bhjd->bhij", q, k) * 32 ** -0.5).softmax(-1)
+    h = x + a.to_out(torch.einsum("bhij,bhjd->bhid", att, v).transpose(1, 2).reshape(2, 50, 64))
+    expected = h + blk.ff(blk.norm_ff(h))
+    assert a.to_q.bias is None and a.to_out.bias is not None
+    assert torch.allclose(blk(x, m), expected, atol=1e-6)
+    standard = PreNormBlock(32, 8, 8, 64, cross=True, qkv_bias=False)
+    standard.load_state_dict(blk.state_dict())
+    assert not torch.allclose(standard.eval()(x, m), expected, atol=1e-4)  # the scale really differs
+
+
+@pytest.mark.parametrize("change, named", [
+    ("extra", "transformer.layers.0.2.fn.norm.weight"),
+    ("shape", "classifier.0.weight 16x32x3x3 (needs 32x32x3x3)"),
+    ("missing", "missing: backbone.layers.1.0.bn1.running_mean"),
+])
+def test_layers_that_do_not_fit_are_named_and_nothing_is_written(tmp_path, capsys, change, named):
+    state = peer_state()
+    if change == "extra":
+        state["transformer.layers.0.2.fn.norm.weight"] = torch.ones(32)
+    elif change == "shape":
+        state["classifier.0.weight"] = torch.randn(16, 32, 3, 3)
+    else:
+        del state["resnet.layer2.0.bn1.running_mean"]
+    ckpt = save_peer_checkpoint(tmp_path / "ckpt.pt", state)
+    folder = tmp_path / "models"
+    code, out = run_import(capsys, str(ckpt), "--from", "bit", "--folder", str(folder))
+    assert code == 2
+    line = out.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert line.startswith("changescribe: error: ") and "did not fit" in line and named in line
+    assert not folder.exists() or list(folder.iterdir()) == []
+
+
+def test_a_pickle_with_code_is_refused_without_running_it(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    ckpt = save_peer_checkpoint(tmp_path / "evil.pt", peer_state(), args=Payload())
+    code, out = run_import(capsys, str(ckpt), "--from", "bit", "--folder", str(tmp_path / "models"))
+    assert code == 2 and "refused" in out and "arbitrary code" in out and "Traceback" not in out
+    assert not marker.exists() and not (tmp_path / "models").exists()
+
+
+def test_an_existing_model_file_is_never_replaced(tmp_path, capsys, checkpoint):
+    ckpt, _ = checkpoint
+    theirs = tmp_path / "bit-levir-cd.json"
+    theirs.write_text("someone else's card")
+    code, out = run_import(capsys, str(ckpt), "--from", "bit", "--folder", str(tmp_path))
+    assert code == 2 and "already exists" in out and "never replaced" in out
+    assert theirs.read_text() == "someone else's card"
+    assert not (tmp_path / "bit-levir-cd.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_ckpt.pt", "bit-levir-cd.json"]  # no temporaries
+
+
+@pytest.mark.parametrize("args, says", [
+    (["missing.pt", "--from", "bit"], "not found"),
+    (["CKPT", "--from", "bit", "--dataset", "WHU-CD"], "no published checkpoint for dataset 'WHU-CD'"),
+    (["CKPT", "--from", "bit", "--name", "../escape"], "not usable as a file name"),
+    (["NOTCKPT", "--from", "bit"], "cannot be read as a torch checkpoint"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, checkpoint, args, says):
+    ckpt, _ = checkpoint
+    (tmp_path / "not.pt").write_text("not a checkpoint")
+    args = [str(ckpt) if a == "CKPT" else str(tmp_path / "not.pt") if a == "NOTCKPT" else
+            str(tmp_path / a) if a == "missing.pt" else a for a in args]
+    code, out = run_import(capsys, *args, "--folder", str(tmp_path / "models"))
+    assert code == 2 and says in out and len(out.strip().splitlines()) == 1
+    assert not (tmp_path / "models").exists() or list((tmp_path / "models").iterdir()) == []
+
+
+def test_a_checkpoint_of_another_bit_variant_imports_with_its_own_sizes(tmp_path, capsys):
+    """BIT_CD's base_transformer_pos_s4_dd8 (decoder heads 64 wide): read from the shapes, not assumed."""
+    state = peer_state()
+    for i in range(8):
+        for p in ("to_q", "to_k", "to_v"):
+            state[f"transformer_decoder.layers.{i}.0.fn.fn.{p}.weight"] = torch.randn(512, 32) / 32 ** 0.5
+        state[f"transformer_decoder.layers.{i}.0.fn.fn.to_out.0.weight"] = torch.randn(32, 512) / 512 ** 0.5
+    ckpt = save_peer_checkpoint(tmp_path / "dd8.pt", state)
+    code, out = run_import(capsys, str(ckpt), "--from", "bit", "--folder", str(tmp_path), "--name", "dd8")
+    assert code == 0, out
+    assert read_card(tmp_path / "dd8.json")["config"]["dec_dim_head"] == 64
+
+
+def test_processing_imports_and_refuses_like_the_cli(qgis_app, tmp_path, checkpoint):
+    import processing
+    from qgis.core import QgsProcessingException
+
+    ckpt, _ = checkpoint
+    folder = tmp_path / "models"
+    res = processing.run("changescribe:importcheckpoint", {"CHECKPOINT": str(ckpt), "SOURCE": 0, "NAME": "",
+                                                            "FOLDER": str(folder)})
+    assert res["MODEL"] == str(folder / "bit-levir-cd.json")
+    assert read_card(res["MODEL"])["config"]["attention_scale"] == "dim"
+    with pytest.raises(QgsProcessingException, match="already exists"):
+        processing.run("changescribe:importcheckpoint", {"CHECKPOINT": str(ckpt), "SOURCE": 0, "FOLDER": str(folder)})
+    assert sorted(p.name for p in folder.iterdir()) == ["bit-levir-cd.json", "bit-levir-cd.safetensors"]
+
+
+def test_the_worker_imports_for_the_dock_and_reports_errors_as_events(tmp_path, checkpoint):
+    """The dock's Import checkpoint… in a separate Python: the worker's --import, a real process."""
+    import sys
+
+    from changescribe.plugin.worker_client import WorkerError, import_in_python
+
+    ckpt, _ = checkpoint
+    job = {"checkpoint": str(ckpt), "family": "bit", "dataset": "LEVIR-CD", "name": "from-worker",
+           "folder": str(tmp_path / "models")}
+    card = import_in_python(sys.executable, job)
+    assert card == str(tmp_path / "models" / "from-worker.json") and read_card(card)["name"] == "from-worker"
+    with pytest.raises(WorkerError, match="already exists") as err:
+        import_in_python(sys.executable, job)
+    assert err.value.kind == "input"
+
+
+def test_the_dock_picker_offers_import_and_its_task_imports_into_the_model_folder(qgis_app, tmp_path, checkpoint):
+    from changescribe.plugin.dock_widgets_import import ImportDialog, ImportTask
+    from changescribe.plugin.dock_widgets_model import IMPORT_ENTRY, ModelPanel
+
+    ckpt, _ = checkpoint
+    panel = ModelPanel()
+    panel.refresh_models([], "")
+    combo = panel.model_combo
+    last = combo.count() - 1
+    assert combo.itemData(last) == IMPORT_ENTRY and combo.itemText(last) == "Import checkpoint…"
+    chosen, asked = combo.currentIndex(), []
+    panel.import_requested.connect(lambda: asked.append(True))
+    combo.setCurrentIndex(last)  # choosing the entry asks for the dialog and keeps the model that was chosen
+    assert asked == [True] and combo.currentIndex() == chosen
+
+    folder = tmp_path / "models"
+    dialog = ImportDialog(str(folder))
+    dialog.checkpoint.setFilePath(str(ckpt))
+    assert dialog.name.placeholderText() == "bit-levir-cd"
+    job = dialog.job()
+    assert job == {"checkpoint": str(ckpt), "family": "bit", "dataset": "LEVIR-CD", "name": None,
+                   "folder": str(folder)}
+    task = ImportTask(job, None)  # QGIS's Python has torch here; the worker path is tested above
+    assert task.run(), task.outcome
+    panel.refresh_models([str(folder)], task.outcome[1])
+    assert panel.current_card()["name"] == "bit-levir-cd" and "F1 0.89" in panel.card_summary.text()
+    again = ImportTask(job, None)
+    assert not again.run() and "already exists" in again.outcome[1] and "\n" not in again.outcome[1]
