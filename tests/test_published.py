@@ -278,3 +278,29 @@ def test_the_dock_picker_offers_import_and_its_task_imports_into_the_model_folde
     assert panel.current_card()["name"] == "bit-levir-cd" and "F1 0.89" in panel.card_summary.text()
     again = ImportTask(job, None)
     assert not again.run() and "already exists" in again.outcome[1] and "\n" not in again.outcome[1]
+
+
+def test_an_imported_model_runs_through_the_streaming_pipeline(tmp_path, capsys, checkpoint):
+    """`changescribe detect --model` on the imported card: the pipeline's probability raster is the model's own."""
+    import numpy as np
+    import rasterio
+
+    from conftest import write_geotiff
+
+    ckpt, _ = checkpoint
+    assert run_import(capsys, str(ckpt), "--from", "bit", "--folder", str(tmp_path))[0] == 0
+    rng = np.random.default_rng(3)
+    before = rng.integers(0, 256, (3, 256, 256), dtype=np.uint8)
+    after = before.copy()
+    after[:, 80:180, 60:200] = 255 - after[:, 80:180, 60:200]
+    b = write_geotiff(tmp_path / "before.tif", before)
+    a = write_geotiff(tmp_path / "after.tif", after)
+    out, prob = tmp_path / "out.gpkg", tmp_path / "prob.tif"
+    code = cli_main(["detect", str(b), str(a), "-o", str(out), "--model", str(tmp_path / "bit-levir-cd.json"),
+                     "--device", "cpu", "--probability", str(prob), "--tile-size", "256", "--overlap", "0", "-q"])
+    assert code == 0, capsys.readouterr().err
+    with rasterio.open(prob) as ds:
+        piped = ds.read(1)
+    model = load_model_file(tmp_path / "bit-levir-cd.json")
+    direct = model.change_probability(torch.from_numpy(before[None]).float(), torch.from_numpy(after[None]).float())
+    assert np.abs(piped - direct[0].numpy()).max() < 1e-4
