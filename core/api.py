@@ -89,6 +89,8 @@ class DetectRequest:
     overwrite: bool = False  # replace existing output files that ChangeScribe did not write (core.outputs)
     # in a file that declares no NoData, constant black/white fill touching the border is no data (raster_pair)
     fill_nodata: bool = True
+    # on the CPU, the change encoder and mask head run on ONNX Runtime when it is installed (core.onnx_export)
+    onnxruntime: bool = True
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -264,7 +266,7 @@ _COERCE = {
     "tile_size": _optional_integer, "overlap": _optional_integer, "batch_size": _integer, "target_gsd": _gsd,
     "area_of_interest": _area, "captions": _flag, "fill_nodata": _flag, "beam_size": _optional_integer,
     "probability_output": _optional_text, "reuse_probability": _optional_text, "cache_dir": _optional_text,
-    "overwrite": _flag,
+    "overwrite": _flag, "onnxruntime": _flag,
 }
 
 

@@ -22,7 +22,7 @@ REQUEST_ARGUMENTS = {
     "overlap": "--overlap", "batch_size": "--batch-size", "target_gsd": "--gsd", "area_of_interest": "--area",
     "captions": "--no-captions", "beam_size": "--beam-size", "probability_output": "--probability",
     "reuse_probability": "--reuse-probability", "cache_dir": "--cache", "overwrite": "--overwrite",
-    "fill_nodata": "--keep-border-fill",
+    "fill_nodata": "--keep-border-fill", "onnxruntime": "--no-onnxruntime",
 }
 
 
@@ -227,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the dataset the checkpoint was trained on (sets GSD and reported metrics; default: the "
                         "family's first: " + ", ".join(f"{f.name}: {'/'.join(f.datasets)}" for f in FAMILIES.values())
                         + ")")
-    i.add_argument("--folder", default=None, help="where to write NAME.json + NAME.safetensors (default: the first "
-                                                  "folder of $CHANGESCRIBE_MODEL_PATH, else the current folder); an "
+    i.add_argument("--folder", default=None, help=f"where to write NAME.json + NAME.safetensors (default: the first "
+                                                  f"folder of $CHANGESCRIBE_MODEL_PATH, else the current folder); an "
                                                   "existing model file is never replaced")
 
     c = sub.add_parser("clean", help="remove temporary files left by crashed runs (only ChangeScribe's, only of "
@@ -264,6 +264,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                         "image (by default it is no data, like the fill of mosaics and warped exports)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing output files that ChangeScribe did not write (never an input)")
+    p.add_argument("--no-onnxruntime", dest="onnxruntime", action="store_false",
+                   help="on the CPU, run the whole model on PyTorch even when onnxruntime is installed (by default "
+                        "the change encoder and mask head run on ONNX Runtime there, several times faster)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 

@@ -33,6 +33,7 @@ from .geopackage import RegionLayer, RegionWriter, write_captions, write_run
 from .inference import InferenceStats, predict_probability
 from .model_api import ChangeModel
 from .model_loading import load_model, with_detector
+from .onnx_export import cpu_runtime
 from .outputs import check_free_space, check_outputs, writing
 from .raster_pair import AlignedPair, AlignmentReport, AreaOfInterest, validate_pair
 from .progress import RunProgress
@@ -92,7 +93,7 @@ def detect_changes(before: str | os.PathLike, after: str | os.PathLike, model: C
                    reuse_probability: str | os.PathLike | None = None,
                    control: RunControl | None = None,
                    detector: ChangeModel | str | os.PathLike | None = None,
-                   overwrite: bool = False, fill_nodata: bool = True) -> ChangeResult:
+                   overwrite: bool = False, fill_nodata: bool = True, onnxruntime: bool = True) -> ChangeResult:
     """Find, outline and describe what changed between ``before`` and ``after`` (the keyword form of
     :func:`detect`, for Python callers; a model or detector may be given loaded).
 
@@ -113,7 +114,7 @@ def detect_changes(before: str | os.PathLike, after: str | os.PathLike, model: C
         threshold=threshold, min_area=min_area, tile_size=tile_size, overlap=overlap, batch_size=batch_size,
         target_gsd=target_gsd, area_of_interest=area, captions=captions, beam_size=beam_size,
         probability_output=probability_output, reuse_probability=reuse_probability, overwrite=overwrite,
-        fill_nodata=fill_nodata)
+        fill_nodata=fill_nodata, onnxruntime=onnxruntime)
     return detect(request, control, model=model if isinstance(model, ChangeModel) else None,
                   detector=detector if isinstance(detector, ChangeModel) else None,
                   area_of_interest=area_of_interest)
@@ -149,6 +150,12 @@ def _detect(r: DetectRequest, control: RunControl, dev: torch.device, model: Cha
     beam_size = r.beam_size if r.beam_size is not None else model.default_beam_size
     control.log(f"model {model.name} {model.version} on {describe_device(dev)}")
     with aligned_pair(r, model, area_of_interest) as (pair, tile_size):
+        if r.onnxruntime:  # on the CPU: encoder and mask head on ONNX Runtime when it is installed
+            torch_model = model
+            model = cpu_runtime(model, tile_size, control.log, need=() if r.reuse_probability else ("cd",),
+                                tiles=_tiles(pair, tile_size, r.effective_overlap(tile_size)))
+            if model is not torch_model:
+                control.log("ONNX Runtime runs the change encoder and mask head (--no-onnxruntime: PyTorch only)")
         for line in pair.report.lines():
             control.log(line)
         progress = _plan_progress(control, pair, model, r, tile_size)

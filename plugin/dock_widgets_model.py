@@ -30,7 +30,7 @@ DEVICES = (("auto", "Auto"), ("cpu", "CPU"), ("cuda", "CUDA GPU"))
 IMPORT_ENTRY = "changescribe:import-checkpoint"
 # The DetectRequest fields ModelPanel.request_options() sets.
 PANEL_FIELDS = ("model", "detector", "device", "threshold", "min_area", "tile_size", "overlap", "batch_size",
-                "target_gsd", "captions", "beam_size", "fill_nodata")
+                "target_gsd", "captions", "beam_size", "fill_nodata", "onnxruntime")
 
 
 def list_models(extra_dirs: list[str]) -> tuple[list[dict[str, Any]], str | None]:
@@ -109,6 +109,11 @@ class ModelPanel(QWidget):
         self.fill_check.setToolTip("In a raster that declares no NoData value, constant black or white fill "
                                    "touching its border (mosaics, warped exports) is no data, never change")
         self.gsd_check.setToolTip("Resample both rasters to the resolution the model was trained at")
+        self.onnx_check = QCheckBox("ONNX Runtime on the CPU")  # short: fits the dock's default width
+        self.onnx_check.setObjectName("changescribe_onnxruntime")
+        self.onnx_check.setChecked(True)
+        self.onnx_check.setToolTip("On the CPU, run the change encoder and mask head on ONNX Runtime when the "
+                                   "onnxruntime package is installed (several times faster); off: PyTorch only")
         self.captions_check = QCheckBox("Caption regions and scene")  # short: fits the dock's default width
         self.captions_check.setToolTip("With a captioning model, describe what changed in words; off: regions only "
                                        "(faster)")
@@ -132,6 +137,7 @@ class ModelPanel(QWidget):
         adv.addRow("Detector", self.detector_combo)
         adv.addRow(self.captions_check)
         adv.addRow(self.fill_check)
+        adv.addRow(self.onnx_check)
         adv.addRow("Beam size", self.beam_spin)
         # The picker, its summary and card take the full width (under the dock's "Model" heading): word-wrapped
         # labels inside a form row get too little height, and a label column would squeeze the model's name.
@@ -205,7 +211,7 @@ class ModelPanel(QWidget):
                 "overlap": None if overlap < 0 else overlap, "batch_size": self.batch_spin.value(),
                 "target_gsd": "model" if self.gsd_check.isChecked() else None,
                 "captions": self.captions_check.isChecked(), "beam_size": self.beam_spin.value() or None,
-                "fill_nodata": self.fill_check.isChecked()}
+                "fill_nodata": self.fill_check.isChecked(), "onnxruntime": self.onnx_check.isChecked()}
 
     def set_probe(self, info: dict[str, Any]) -> None:
         """Label the device choices with what the Python that will run actually has."""
@@ -230,6 +236,7 @@ class ModelPanel(QWidget):
         self.gsd_check.setChecked(s.get("model_gsd"))
         self.captions_check.setChecked(s.get("captions"))
         self.fill_check.setChecked(s.get("fill_nodata"))
+        self.onnx_check.setChecked(s.get("onnxruntime"))
         self.beam_spin.setValue(s.get("beam_size"))
         self._detector_setting = s.get("detector") or None
         self.detector_combo.setCurrentIndex(max(self.detector_combo.findData(self._detector_setting), 0))
@@ -248,6 +255,7 @@ class ModelPanel(QWidget):
         s.set("model_gsd", self.gsd_check.isChecked())
         s.set("captions", self.captions_check.isChecked())
         s.set("fill_nodata", self.fill_check.isChecked())
+        s.set("onnxruntime", self.onnx_check.isChecked())
         s.set("beam_size", self.beam_spin.value())
         s.set("detector", self.detector_combo.currentData() or "")
 

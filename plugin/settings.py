@@ -19,7 +19,7 @@ DEFAULTS: dict[str, object] = {
     "model": "", "device": "auto", "threshold": 0.5, "min_area": 0.0, "tile_size": 0, "overlap": -1,
     "batch_size": 8, "model_gsd": False, "probability_layer": False, "aoi_mode": 0,
     "output_folder": "", "model_folder": "", "execution": "auto", "python": "", "env_folder": "",
-    "base_python": "", "captions": True, "fill_nodata": True, "beam_size": 0, "detector": "",
+    "base_python": "", "captions": True, "fill_nodata": True, "onnxruntime": True, "beam_size": 0, "detector": "",
 }
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp/runtime-" + str(os.getuid()))
+# exported ONNX graphs (core.onnx_export) go to the build folder, not the per-user cache of whoever runs the tests
+os.environ.setdefault("CHANGESCRIBE_CACHE_DIR", str(Path(__file__).resolve().parent.parent / "build" / "test-cache"))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

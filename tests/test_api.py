@@ -87,14 +87,15 @@ def test_cli_option_error_in_a_real_process_has_no_traceback(tmp_path, sample):
 
 # ---- one request, four entry points ---------------------------------------------------------------------------
 CHOICES = {"threshold": 0.3, "min_area": 20.0, "tile_size": 128, "overlap": 16, "batch_size": 4,
-           "target_gsd": "model", "captions": False, "beam_size": 2, "device": "cpu", "detector": "pix4cap-synthetic"}
+           "target_gsd": "model", "captions": False, "beam_size": 2, "device": "cpu", "detector": "pix4cap-synthetic",
+           "onnxruntime": False}
 
 
 def cli_request(before, after, out: Path, area_wkt: str) -> DetectRequest:
     args = build_parser().parse_args([
         "detect", before, after, "-o", str(out), "--model", CARD, "--detector", CHOICES["detector"], "--device", "cpu",
         "--threshold", "0.3", "--min-area", "20", "--tile-size", "128", "--overlap", "16", "--batch-size", "4",
-        "--gsd", "model", "--no-captions", "--beam-size", "2", "--probability", str(out.with_name(out.stem +
+        "--gsd", "model", "--no-captions", "--no-onnxruntime", "--beam-size", "2", "--probability", str(out.with_name(out.stem +
                                                                                        "_probability.tif")),
         "--cache", str(out.parent / "cache"), "--area", area_wkt, "--area-crs", "EPSG:32633"])
     return detect_request(args)
@@ -110,7 +111,7 @@ def processing_request(qgis_app, before, after, out: Path) -> DetectRequest:
     b, a = QgsRasterLayer(before, "b"), QgsRasterLayer(after, "a")
     params = {"BEFORE": before, "AFTER": after, "OUTPUT": str(out), "MODEL_FILE": CARD,
               "DETECTOR": CHOICES["detector"], "DEVICE": "cpu", "THRESHOLD": 0.3, "MIN_AREA": 20, "TILE_SIZE": 128,
-              "OVERLAP": 16, "BATCH_SIZE": 4, "GSD": -1, "CAPTIONS": False, "BEAM_SIZE": 2,
+              "OVERLAP": 16, "BATCH_SIZE": 4, "GSD": -1, "CAPTIONS": False, "ONNXRUNTIME": False, "BEAM_SIZE": 2,
               "OUTPUT_PROBABILITY": str(out.with_name(out.stem + "_probability.tif")),
               "EXTENT": f"{RECT[0]},{RECT[2]},{RECT[1]},{RECT[3]} [EPSG:32633]"}
     ok, message = alg.checkParameterValues(params, context)
@@ -132,6 +133,7 @@ def dock_request_of(qgis_app, before, after, out: Path, area_wkt: str) -> Detect
     panel.batch_spin.setValue(4)
     panel.gsd_check.setChecked(True)
     panel.captions_check.setChecked(False)
+    panel.onnx_check.setChecked(False)
     panel.beam_spin.setValue(2)
     panel.detector_combo.setCurrentIndex(panel.detector_combo.findData(CHOICES["detector"]))
     panel.probability_check.setChecked(True)
@@ -192,7 +194,7 @@ def test_every_request_field_reaches_every_entry_point(qgis_app):
                          threshold=0.2, min_area=5.0, tile_size=64, overlap=4, batch_size=2, target_gsd=1.5,
                          area_of_interest=Area("POLYGON((0 0,1 0,1 1,0 0))", "EPSG:4326"), captions=False,
                          beam_size=3, probability_output="p.tif", reuse_probability="r.tif", cache_dir="c",
-                         overwrite=True, fill_nodata=False)
+                         overwrite=True, fill_nodata=False, onnxruntime=False)
     default = DetectRequest(before="a.tif", after="b.tif")
     assert all(getattr(full, f) != getattr(default, f) for f in FIELDS if f not in ("before", "after"))
     assert DetectRequest.from_json(full.to_json()) == full
