@@ -120,10 +120,9 @@ def _batch(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from .model_loading import MODEL_PATH_ENV
-    from .published import import_checkpoint
+    from .published import default_folder, import_checkpoint
 
-    folder = args.folder or next((p for p in os.environ.get(MODEL_PATH_ENV, "").split(os.pathsep) if p), ".")
+    folder = args.folder or default_folder() or "."
     card = import_checkpoint(args.checkpoint, args.family, folder, name=args.name, dataset=args.dataset)
     print(f"model file: {card} (+ {card.with_suffix('.safetensors').name})")
     print(f"use it with: changescribe detect BEFORE AFTER -o OUT.gpkg --model {card}")

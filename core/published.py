@@ -106,6 +106,14 @@ def default_name(family: Family, dataset: str) -> str:
     return f"{family.name}-{dataset.lower()}"
 
 
+def default_folder() -> str | None:
+    """Where imports go unless told: the first user model folder (``$CHANGESCRIBE_MODEL_PATH``, which the plugin
+    sets from Settings), so the new model is listed at once; None when there is none."""
+    from .model_loading import MODEL_PATH_ENV
+
+    return next((p for p in os.environ.get(MODEL_PATH_ENV, "").split(os.pathsep) if p), None)
+
+
 def model_paths(folder: str | os.PathLike, name: str) -> tuple[Path, Path]:
     """(card, weights) of a model file called ``name`` in ``folder``."""
     folder = Path(folder)
@@ -160,7 +168,7 @@ def import_checkpoint(checkpoint: str | os.PathLike, family: str, folder: str | 
         raise InputError(f"cannot write in the model folder {folder}: {e.strerror or e}") from None
     try:
         written = save_model_file(
-            tmp / card_path.name, module, fam.architecture, config, spec, name=name, version="imported",
+            tmp / card_path.name, module, fam.architecture, config, spec, name=name, version="1",
             description=f"{fam.title}, imported from its published {dataset} checkpoint: change mask only.",
             training_data=f"{dataset} (the published checkpoint's own training)",
             metrics={"test": {"data": f"{dataset} test (reported by the paper)", "split": facts.split,

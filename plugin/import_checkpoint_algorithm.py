@@ -15,7 +15,7 @@ from qgis.core import (
     QgsProcessingParameterString,
 )
 
-from ..core.published import FAMILIES, default_name, published_checkpoints
+from ..core.published import FAMILIES, default_folder, default_name, published_checkpoints
 from .processing_support import ChangeScribeAlgorithm, import_core, processing_errors
 
 
@@ -49,8 +49,9 @@ class ImportCheckpointAlgorithm(ChangeScribeAlgorithm):
             "the input normalisation, the GSD and the reported metrics in the card.")
         add(QgsProcessingParameterString(self.NAME, "Model name (empty: FAMILY-DATASET)", optional=True),
             "The model's name and file name, e.g. bit-levir-cd.")
-        add(QgsProcessingParameterFolderDestination(self.FOLDER, "Model folder"),
-            "Where to write NAME.json and NAME.safetensors.")
+        add(QgsProcessingParameterFolderDestination(self.FOLDER, "Model folder", defaultValue=default_folder()),
+            "Where to write NAME.json and NAME.safetensors; by default the model folder chosen in the dock's "
+            "Settings, so the model is listed at once.")
         self.addOutput(QgsProcessingOutputFile(self.MODEL, "Model card"))
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802

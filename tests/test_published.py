@@ -103,11 +103,11 @@ def test_bit_checkpoint_imports_with_every_tensor_where_the_peer_uses_it(tmp_pat
     assert prob.shape == (2, 64, 64) and float(prob.std()) > 0
 
 
-def test_card_carries_source_normalisation_metrics_and_terms(tmp_path, capsys, checkpoint):
+def test_card_carries_source_normalisation_metrics_and_terms(tmp_path, capsys, checkpoint, monkeypatch):
     ckpt, _ = checkpoint
-    code, out = run_import(capsys, str(ckpt), "--from", "bit", "--dataset", "LEVIR-CD", "--name", "bit-mine",
-                           "--folder", str(tmp_path))
-    assert code == 0, out
+    monkeypatch.setenv("CHANGESCRIBE_MODEL_PATH", os.pathsep.join([str(tmp_path), str(tmp_path / "other")]))
+    code, out = run_import(capsys, str(ckpt), "--from", "bit", "--dataset", "LEVIR-CD", "--name", "bit-mine")
+    assert code == 0, out  # no --folder: the first user model folder, so `changescribe models` lists it at once
     card = read_card(tmp_path / "bit-mine.json")
     assert card["name"] == "bit-mine" and card["architecture"] == "bit-cd" and card["vocabulary"] is None
     assert card["input"] == {"bands": 3, "mean": [127.5] * 3, "std": [127.5] * 3, "tile_size": 256, "gsd": 0.5}
