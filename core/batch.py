@@ -464,7 +464,7 @@ def _run_units(todo: list[Unit], rows: dict[str, dict], Client, LocalCluster, as
     else:
         # One process per worker, one dask thread each: a unit's torch uses the worker's share of the cores.
         cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                               silence_logs=logging.ERROR)
+                               silence_logs=logging.CRITICAL)
         address = cluster
         say(f"LocalCluster: {n_workers} worker processes, {todo[0].threads} torch thread(s) each")
     try:
@@ -495,7 +495,10 @@ def _run_units(todo: list[Unit], rows: dict[str, dict], Client, LocalCluster, as
                 fut.release()
     finally:
         if cluster is not None:
-            cluster.close()
+            try:
+                cluster.close(timeout=60)
+            except (TimeoutError, OSError) as exc:  # the results are in; a slow worker exit is not a failure
+                say(f"the LocalCluster did not close cleanly ({type(exc).__name__}); its processes are stopped")
 
 
 def _chunk_ids(regions: Unit, todo: list[Unit]) -> list[str]:

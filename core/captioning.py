@@ -17,7 +17,7 @@ from rasterio.windows import Window
 
 from .device import halving_on_oom
 from .model_api import ChangeModel
-from .grounding import RegionFacts, ground_caption, region_facts
+from .grounding import GroundedRegion, PixelFacts, RegionFacts, ground_region, region_facts, scene_paragraph
 from .raster_pair import AlignedPair, AlignmentReport
 from .run_control import RunControl
 
@@ -107,10 +107,11 @@ class RegionCaptioner:
     the cells grow to 1.5, 2, 3... footprints and the regions that fit in one share it, so captioning costs at most
     about that share of a model pass per footprint: a fraction of inference, whatever the number of regions. Each
     region records how many regions its caption's crop covers (``caption_regions``: 1 = its own crop, 0 = no
-    caption). Only the bounds of the regions are kept (32 bytes each), never their geometry.
+    caption). Only the bounds and facts of the regions are kept (a few hundred bytes each), never their geometry.
 
-    A scene up to about two model footprints wide is captioned whole; a larger one gets the mask summary plus
-    the caption of its largest region.
+    Every region's decoder sentence is then checked against its facts (:func:`.grounding.ground_region`): it gets
+    a change type, a caption built from type and facts, the decoder's sentence as ``model_caption`` and a flag when
+    the two disagree. The scene caption sums the regions up by type (:func:`.grounding.scene_paragraph`).
     """
 
     MARGIN = 1.25  # a crop is this much wider than what it must show
@@ -131,22 +132,28 @@ class RegionCaptioner:
         self._scene = (t.c, t.f + t.e * h, t.c + t.a * w, t.f)
         self._cells: set[tuple[int, int]] = set()
         self._large = 0
-        self._largest = ""
+        self._grounded: list[GroundedRegion | None] = []
 
-    def add(self, region_ids: Iterable[int], geoms: Iterable, areas: Iterable[float]) -> None:
-        """Remember a batch of finished regions (their ids, bounds and areas) for :meth:`caption_all`."""
-        if not self.enabled:
-            return
-        for rid, geom, area in zip(region_ids, geoms, areas):
+    def add(self, region_ids: Iterable[int], geoms: Iterable, areas: Iterable[float],
+            pixels: Iterable[PixelFacts | None] | None = None) -> list[RegionFacts]:
+        """Remember a batch of finished regions (their ids, facts and, to caption them, bounds) for
+        :meth:`caption_all`; returns their facts (:mod:`.grounding`), which the regions layer stores."""
+        out = []
+        geoms = list(geoms)
+        for rid, geom, area, px in zip(region_ids, geoms, areas, pixels if pixels is not None else [None] * len(geoms)):
             self._ids.append(int(rid))
-            self._bounds.append(tuple(geom.bounds))
             self._areas.append(float(area))
-            self._facts.append(region_facts(geom, float(area), self._scene))
+            self._facts.append(region_facts(geom, float(area), self._scene, px))
+            out.append(self._facts[-1])
+            if not self.enabled:
+                continue
+            self._bounds.append(tuple(geom.bounds))
             key = self._cell(self._bounds[-1])
             if key is None:
                 self._large += 1
             else:
                 self._cells.add(key)
+        return out
 
     def crops(self) -> int:
         """About how many crops the regions seen so far need (what the captioning stage will cost)."""
@@ -167,11 +174,14 @@ class RegionCaptioner:
                 break
         return list(groups.values())
 
-    def caption_all(self, control: RunControl | None = None) -> list[tuple[int, str, int]]:
-        """(region_id, caption, regions sharing that caption's crop) for every region added."""
+    def caption_all(self, control: RunControl | None = None) -> list[tuple[int, int, GroundedRegion]]:
+        """(region_id, regions sharing its decoder caption's crop, its type, captions and flag) for every region
+        added; without a captioner the type still comes from the facts and the captions stay empty."""
         control = control or RunControl()
         if not self.enabled or not self._ids:
-            return []
+            self._grounded = [ground_region("", f) for f in self._facts]
+            return [(rid, 0, GroundedRegion(g.change_type, g.type_confidence, "", "", ""))
+                    for rid, g in zip(self._ids, self._grounded)]
         members = self._groups()
         windows = []
         for idx in members:
@@ -187,13 +197,14 @@ class RegionCaptioner:
 
         caps = caption_windows(self.pair, self.model, windows, self.beam_size,
                                RunControl(on_progress=report, is_cancelled=self._cancel))
-        out = []
+        grounded: list[GroundedRegion | None] = [None] * len(self._ids)
+        shares = [0] * len(self._ids)
         for idx, caption in zip(members, caps):
             # the decoder saw a crop: its sentence is checked against each region's own facts (core.grounding)
-            out += [(self._ids[i], ground_caption(caption, self._facts[i])[0], len(idx)) for i in idx]
-        largest = int(np.argmax(self._areas))
-        self._largest = next(c for rid, c, _ in out if rid == self._ids[largest])
-        return out
+            for i in idx:
+                grounded[i], shares[i] = ground_region(caption, self._facts[i]), len(idx)
+        self._grounded = grounded
+        return [(rid, n, g) for rid, n, g in zip(self._ids, shares, grounded)]
 
     def _cell(self, bounds: Bounds, scale: float = 1.0) -> tuple[int, int] | None:
         """The grid cell (``scale`` footprints wide) of a region's centre; None for a region wider than a crop."""
@@ -206,14 +217,13 @@ class RegionCaptioner:
         return int((r0 + r1) / 2 // side), int((c0 + c1) / 2 // side)
 
     def scene(self, count: int, total_area_m2: float) -> tuple[str, str]:
-        """(scene caption, summary) once every region has been seen; the summary stands in without a captioner."""
+        """(scene caption, summary) once every region has been captioned (:meth:`caption_all`): the summary, then
+        the regions by type, where they concentrate, the largest and how many decoder captions were flagged
+        (:func:`.grounding.scene_paragraph`); the summary alone without a captioner."""
         summary = summarise(count, total_area_m2, self.pair.report)
-        if not self.enabled:
+        if not self.enabled or not count:
             return summary, summary
-        if max(self.pair.width, self.pair.height) <= 2 * self._ctx or count == 0:
-            whole = Window(0, 0, self.pair.width, self.pair.height)
-            control = RunControl(is_cancelled=self._cancel)
-            caption = caption_windows(self.pair, self.model, [whole], self.beam_size, control)[0]
-        else:
-            caption = f"{summary}; largest: {self._largest}"
-        return caption or summary, summary
+        grounded = self._grounded
+        flagged = sum(1 for g in grounded if g is not None and g.caption_flag)
+        pairs = [(f, g) for f, g in zip(self._facts, grounded) if g is not None]
+        return scene_paragraph(summary, pairs, flagged), summary

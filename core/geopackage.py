@@ -23,17 +23,20 @@ import numpy as np
 from pyproj import CRS
 from shapely.geometry import mapping
 
+from .grounding import FACT_FIELDS, GroundedRegion, judgement_record
+
 # SQL below names these tables in f-strings (bandit B608 is silenced there): constants, never user text; values are
 # bound parameters.
 REGIONS_LAYER = "change_regions"
 RUNS_TABLE = "changescribe_runs"
 
 # The regions layer's fields, in order: what each region gets from the polygon stage, its caption (and how many
-# regions share the crop it was made from: 1 = the region's own, 0 = no caption), and the run it came from (the
-# same for every region of a run).
+# regions share the crop its decoder caption was made from: 1 = the region's own, 0 = no caption), the run it came
+# from (the same for every region of a run), then its facts, change type, the decoder's sentence and the flag
+# (:data:`.grounding.FACT_FIELDS`, added last so readers of older layers find every field where it was).
 REGION_FIELDS = {"region_id": "int", "area_m2": "float", "mean_prob": "float", "max_prob": "float",
                  "caption": "str", "caption_regions": "int", "before": "str", "after": "str", "model_name": "str", "model_version": "str",
-                 "threshold": "float", "created": "str"}
+                 "threshold": "float", "created": "str", **FACT_FIELDS}
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,21 @@ class RegionLayer:
         frame = gpd.read_file(self.path, layer=REGIONS_LAYER, where=f"fid IN ({','.join(map(str, fids))})")
         return frame.sort_values(["area_m2", "region_id"], ascending=[False, True], kind="stable",
                                  ignore_index=True)
+
+    def flagged(self, n: int) -> tuple[int, list[tuple[int, str, str]]]:
+        """(how many regions have a ``caption_flag``, the first ``n`` of them by region_id as (region_id, flag,
+        decoder caption)); (0, []) for a layer written before flags existed."""
+        con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        try:
+            where = "FROM " + REGIONS_LAYER + " WHERE caption_flag IS NOT NULL AND caption_flag <> ''"
+            total = con.execute("SELECT count(*) " + where).fetchone()[0]  # nosec B608
+            rows = con.execute("SELECT region_id, caption_flag, coalesce(model_caption, '') " + where  # nosec B608
+                               + " ORDER BY region_id LIMIT ?", (int(n),)).fetchall()
+        except sqlite3.OperationalError:  # no such column: an older layer
+            return 0, []
+        finally:
+            con.close()
+        return int(total), [(int(r), str(f), str(c)) for r, f, c in rows]
 
     def own_folder(self, folder: Path) -> None:
         """Remove ``folder`` (a scratch copy of the regions) when this object is garbage-collected or at exit."""
@@ -123,13 +141,13 @@ def _plain(row: dict) -> dict:
     return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
 
 
-def write_captions(gpkg: str | Path, captions: list[tuple[int, str, int]]) -> None:
-    """Set (region_id, caption, regions sharing its crop) on the regions already written, in one transaction; the
-    others say they have no caption (``caption_regions`` 0). Through GDAL: the layer's R-tree triggers need its
-    SQL functions."""
+def write_captions(gpkg: str | Path, captions: list[tuple[int, int, GroundedRegion]]) -> None:
+    """Set (region_id, regions sharing its decoder caption's crop, its type, captions and flag) on the regions
+    already written, in one transaction; regions not listed say they have no caption (``caption_regions`` 0).
+    Through GDAL: the layer's R-tree triggers need its SQL functions."""
     from osgeo import ogr
 
-    by_id = {rid: (caption, n) for rid, caption, n in captions}
+    by_id = {rid: (n, judgement_record(g)) for rid, n, g in captions}
     ds = ogr.Open(str(gpkg), 1)
     if ds is None:
         raise OSError(f"GDAL cannot open {gpkg} for update")
@@ -137,9 +155,13 @@ def write_captions(gpkg: str | Path, captions: list[tuple[int, str, int]]) -> No
         layer = ds.GetLayerByName(REGIONS_LAYER)
         ds.StartTransaction()
         for feature in layer:
-            caption, n = by_id.get(feature.GetField("region_id"), ("", 0))
-            feature.SetField("caption", caption)
+            n, values = by_id.get(feature.GetField("region_id"), (0, {"caption": ""}))
             feature.SetField("caption_regions", n)
+            for name, value in values.items():
+                if value is None:
+                    feature.SetFieldNull(name)
+                else:
+                    feature.SetField(name, value)
             if layer.SetFeature(feature) != 0:
                 ds.RollbackTransaction()
                 raise OSError(f"GDAL cannot write the captions into {gpkg}")

@@ -30,6 +30,7 @@ from .captioning import RegionCaptioner, context_pixels
 from .device import describe_device, resolve_device
 from .errors import OutOfDeviceMemory, StaleProbabilityError
 from .geopackage import RegionLayer, RegionWriter, write_captions, write_run
+from .grounding import facts_columns, measure_regions
 from .inference import InferenceStats, predict_probability
 from .model_api import ChangeModel
 from .model_loading import load_model, with_detector
@@ -190,8 +191,9 @@ def _detect(r: DetectRequest, control: RunControl, dev: torch.device, model: Cha
                         progress.begin("strips")
                         for batch in iter_regions(prob_path, threshold=r.threshold, min_area_m2=r.min_area,
                                                   control=progress.control("strips")):
-                            captioner.add(batch["region_id"], batch.geometry, batch["area_m2"])
-                            writer.append(batch)
+                            pixels = measure_regions(pair, prob_path, batch.geometry, r.threshold)
+                            facts = captioner.add(batch["region_id"], batch.geometry, batch["area_m2"], pixels)
+                            writer.append(batch.assign(**facts_columns(facts)))
                             if captioner.enabled:  # the crops found so far, extrapolated over the strips left
                                 strips = progress.stages["strips"]
                                 seen = max(strips.done / max(strips.units, 1), 0.05)
