@@ -229,6 +229,7 @@ figure { margin: 0; } figure img { max-width: 100%; border: 1px solid #ccc; imag
 figcaption { font-size: .85em; color: #555; }
 table { border-collapse: collapse; font-size: .9em; } th, td { border: 1px solid #ccc; padding: .25em .5em; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; } .meta { font-size: .85em; color: #555; }
+td.flagged, tr.flag td { background: #fff3cd; }
 """
 
 
@@ -284,20 +285,44 @@ def _regions_table(regions) -> list[str]:
         return out + ["<p>No change region.</p>"]
     rows = regions.largest(MAX_TABLE_ROWS)
     cols = set(rows.columns)
+
+    def text(row, name: str) -> str:
+        value = row[name] if name in cols else None
+        return value if isinstance(value, str) else ""
+
     out.append("<table id=\"regions\"><thead><tr><th>id</th><th>area (m²)</th><th>mean probability</th>"
-               "<th>max probability</th><th>caption</th></tr></thead><tbody>")
+               "<th>max probability</th><th>change type</th><th>caption</th><th>decoder caption</th>"
+               "</tr></thead><tbody>")
     for i, (_, row) in enumerate(rows.iterrows()):
         rid = row["region_id"] if "region_id" in cols else i + 1
+        flag = text(row, "caption_flag")
+        kind = text(row, "change_type")
+        if kind and "type_confidence" in cols:
+            kind += f" ({_num(row['type_confidence'], '.2f')})"
+        mark = ' class="flagged"' if flag else ""
         out.append(
             f"<tr><td class=\"num\">{e(str(rid))}</td>"
             f"<td class=\"num\">{_num(row['area_m2'], ',.1f') if 'area_m2' in cols else ''}</td>"
             f"<td class=\"num\">{_num(row['mean_prob'], '.3f') if 'mean_prob' in cols else ''}</td>"
             f"<td class=\"num\">{_num(row['max_prob'], '.3f') if 'max_prob' in cols else ''}</td>"
-            f"<td>{e(row['caption']) if 'caption' in cols and isinstance(row['caption'], str) else ''}</td></tr>")
+            f"<td>{e(kind)}</td><td>{e(text(row, 'caption'))}</td>"
+            f"<td{mark}>{('⚠ ' if flag else '') + e(text(row, 'model_caption'))}</td></tr>")
     out.append("</tbody></table>")
     if n > MAX_TABLE_ROWS:
         out.append(f"<p>The {MAX_TABLE_ROWS} largest are listed; {n - MAX_TABLE_ROWS} more regions are in the "
                    "GeoPackage.</p>")
+    total, flagged = regions.flagged(MAX_TABLE_ROWS) if hasattr(regions, "flagged") else (0, [])
+    if total:
+        out.append(f"<h2>Flagged decoder captions ({total})</h2>")
+        out.append("<p>The decoder's sentence for these regions contradicts what the mask and the pixels say; the "
+                   "region's caption above is built from its facts instead.</p>")
+        out.append('<table id="flags"><thead><tr><th>id</th><th>why</th><th>decoder caption</th></tr></thead><tbody>')
+        out += [f'<tr class="flag"><td class="num">{e(str(rid))}</td><td>{e(flag)}</td><td>{e(said)}</td></tr>'
+                for rid, flag, said in flagged]
+        out.append("</tbody></table>")
+        if total > len(flagged):
+            out.append(f"<p>The first {len(flagged)} are listed; {total - len(flagged)} more are flagged in the "
+                       "GeoPackage (field caption_flag).</p>")
     return out
 
 

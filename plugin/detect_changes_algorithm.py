@@ -47,7 +47,7 @@ class DetectChangesAlgorithm(ChangeScribeAlgorithm):
     EXTENT, MASK, CAPTIONS, BEAM_SIZE = "EXTENT", "MASK", "CAPTIONS", "BEAM_SIZE"
     FILL_NODATA, ONNXRUNTIME = "FILL_NODATA", "ONNXRUNTIME"
     OUTPUT, OUTPUT_PROBABILITY, REPORT = "OUTPUT", "OUTPUT_PROBABILITY", "REPORT"
-    CAPTION, REGION_COUNT = "CAPTION", "REGION_COUNT"
+    CAPTION, REGION_COUNT, FLAGGED_COUNT = "CAPTION", "REGION_COUNT", "FLAGGED_COUNT"
     OVERWRITE, DETECTOR, GSD = "OVERWRITE", "DETECTOR", "GSD"
     # Every DetectRequest field and the parameter(s) that set it in build_request(), and the fields it leaves alone
     # (a run started here has no cache); tests/test_api.py checks that together they are all the fields.
@@ -142,8 +142,12 @@ class DetectChangesAlgorithm(ChangeScribeAlgorithm):
             "probability raster or report) stops the run, so nobody's data is replaced by accident. An input is "
             "never overwritten, whatever this says.", advanced=True)
         add(QgsProcessingParameterVectorDestination(self.OUTPUT, "Change regions", QgsProcessing.TypeVectorPolygon),
-            "GeoPackage (.gpkg) to write: layer change_regions (region_id, area_m2, mean_prob, max_prob, caption and "
-            "the run's sources, model and threshold) plus the table changescribe_runs with the run's metadata.")
+            "GeoPackage (.gpkg) to write: layer change_regions (region_id, area_m2, mean_prob, max_prob, caption, "
+            "the run's sources, model and threshold, then each region's facts: shape, compactness, elongation, "
+            "orientation_deg, position, objects, brightness_change, greenness_change, texture_change, "
+            "greenness_index; its change_type and type_confidence; the decoder's sentence model_caption and "
+            "caption_flag, why that sentence contradicts the facts) plus the table changescribe_runs with the run's "
+            "metadata.")
         add(QgsProcessingParameterRasterDestination(self.OUTPUT_PROBABILITY, "Change probability", optional=True,
                                                     createByDefault=False),
             "Optional float32 GeoTIFF of the per-pixel change probability, on the before raster's grid.")
@@ -153,6 +157,8 @@ class DetectChangesAlgorithm(ChangeScribeAlgorithm):
             "over the after image, the scene caption and a table of the regions with their captions.")
         self.addOutput(QgsProcessingOutputString(self.CAPTION, "Scene caption"))
         self.addOutput(QgsProcessingOutputNumber(self.REGION_COUNT, "Number of change regions"))
+        self.addOutput(QgsProcessingOutputNumber(self.FLAGGED_COUNT, "Number of regions whose decoder caption "
+                                                                     "contradicts their facts (caption_flag)"))
 
     def checkParameterValues(self, parameters, context):  # noqa: N802
         ok, message, normalised = check_choices(self, parameters, context)
@@ -216,13 +222,18 @@ class DetectChangesAlgorithm(ChangeScribeAlgorithm):
                     if isinstance(exc, OSError):
                         raise QgsProcessingException(f"cannot write the report {report}: {exc}") from None
                     raise
+        flagged = result.regions.flagged(0)[0]
         feedback.pushInfo(f"{len(result.regions)} change regions; scene caption: {result.scene_caption}")
+        if flagged:
+            feedback.pushWarning(f"{flagged} region caption(s) from the decoder contradict the region's facts: see "
+                                 "the caption_flag field")
         uri = f"{result.output}|layername=change_regions"
         self._load_styled(context, request.output, uri, result.scene_caption)
         return {self.OUTPUT: uri,
                 self.OUTPUT_PROBABILITY: str(result.probability) if result.probability else None,
                 self.REPORT: report,
-                self.CAPTION: result.scene_caption, self.REGION_COUNT: len(result.regions)}
+                self.CAPTION: result.scene_caption, self.REGION_COUNT: len(result.regions),
+                self.FLAGGED_COUNT: flagged}
 
     def area_of_interest(self, parameters, context, before, feedback) -> Area | None:
         """EXTENT and MASK as one :class:`Area` in the before raster's CRS, or None when neither is set."""

@@ -17,6 +17,7 @@ from qgis.core import (
     QgsVectorLayer,
 )
 from qgis.PyQt.QtCore import QItemSelectionModel, Qt
+from qgis.PyQt.QtGui import QBrush, QColor
 from qgis.PyQt.QtWidgets import (
     QAbstractItemView,
     QApplication,
@@ -39,6 +40,9 @@ REGIONS_LAYER = "change_regions"
 RUN_PROPERTY = "changescribe/run"
 COLUMNS = ("#", "Area", "Probability", "Caption")
 FID_ROLE = Qt.ItemDataRole.UserRole
+FLAG_ROLE = Qt.ItemDataRole.UserRole + 1  # a flagged row's reason (the decoder's sentence contradicts the facts)
+FLAG_MARK = "⚠ "
+FLAG_BACKGROUND = QColor(255, 236, 179)
 
 
 def add_result_layers(result: dict[str, Any], name: str) -> tuple[QgsVectorLayer, QgsRasterLayer | None]:
@@ -72,6 +76,14 @@ def caption_share(feature) -> int:
     if "caption_regions" in names and feature["caption_regions"] is not None:
         return int(feature["caption_regions"])
     return 1 if feature["caption"] else 0
+
+
+def field_text(feature, name: str) -> str:
+    """A text attribute of a region, "" when the layer predates the field or the value is NULL."""
+    if name not in feature.fields().names():
+        return ""
+    value = feature[name]
+    return value if isinstance(value, str) else ""
 
 
 def format_area(m2: float) -> str:
@@ -134,8 +146,10 @@ class RegionsTable(QTableWidget):
         self.setRowCount(len(rows))
         for r, f in enumerate(rows):
             shared = caption_share(f)
+            flag = field_text(f, "caption_flag")
+            caption = (f["caption"] or "") if shared else "— (no caption)"
             values = (int(f["region_id"]), float(f["area_m2"] or 0), float(f["mean_prob"] or 0),
-                      (f["caption"] or "") if shared else "— (no caption)")
+                      FLAG_MARK + caption if flag else caption)
             for c, value in enumerate(values):
                 item = QTableWidgetItem()
                 if c == 1:
@@ -146,10 +160,19 @@ class RegionsTable(QTableWidget):
                 else:
                     item.setData(Qt.ItemDataRole.DisplayRole, value)
                 item.setData(FID_ROLE, f.id())
+                if flag:
+                    item.setData(FLAG_ROLE, flag)
+                    item.setBackground(QBrush(FLAG_BACKGROUND))
                 if c == 3:
-                    item.setToolTip(str(value) if shared <= 1 else
-                                    f"{value}\n(describes the area around this region and {shared - 1} nearby "
-                                    "small region(s): they share one caption)")
+                    tip = str(value) if shared <= 1 else (
+                        f"{value}\n(the decoder described the area around this region and {shared - 1} nearby "
+                        "small region(s): they share one decoder caption)")
+                    said = field_text(f, "model_caption")
+                    if said:
+                        tip += f"\nDecoder: {said}"
+                    if flag:
+                        tip += f"\nFlagged: {flag}"
+                    item.setToolTip(tip)
                 self.setItem(r, c, item)
         self.resizeRowsToContents()
         layer.selectionChanged.connect(self._layer_to_table)

@@ -90,6 +90,7 @@ def test_dock_runs_reruns_from_cache_and_cancels(tmp_path):
     assert str(tmp_path / "work" / "out") in layer["source"]
     assert r["table_rows"] == layer["features"]
     assert sorted(r["table_captions"]) == sorted(layer["captions"])
+    assert r["table_flags"] == layer["flags"] and r["table_marks"] == sum(1 for f in layer["flags"] if f)
     assert r["run2_layer_id"] in r["group_layer_ids"]
     children = dict(r["group_children"])
     assert any(name.endswith("change probability") and not visible for name, visible in children.items())

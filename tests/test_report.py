@@ -34,14 +34,18 @@ def pair(tmp_path_factory):
     return write_pair(tmp_path_factory.mktemp("report"), "r", size=192, seed=5, change_level=0.8)
 
 
-def make_result(before: Path, regions_bounds: list[tuple[float, float, float, float]]) -> ChangeResult:
+def make_result(before: Path, regions_bounds: list[tuple[float, float, float, float]],
+                flags: list[str] | None = None) -> ChangeResult:
     with rasterio.open(before) as src:
         crs = src.crs
     regions = gpd.GeoDataFrame(
         {"region_id": list(range(1, len(regions_bounds) + 1)),
          "area_m2": [(b[2] - b[0]) * (b[3] - b[1]) for b in regions_bounds],
          "mean_prob": [0.7] * len(regions_bounds), "max_prob": [0.9] * len(regions_bounds),
-         "caption": [REGION_CAPTION] * len(regions_bounds)},
+         "caption": [REGION_CAPTION] * len(regions_bounds),
+         "caption_flag": flags or [""] * len(regions_bounds),
+         "model_caption": ["a road is built in the centre of the scene"] * len(regions_bounds),
+         "change_type": ["new building"] * len(regions_bounds), "type_confidence": [0.8] * len(regions_bounds)},
         geometry=gpd.GeoSeries([box(*b) for b in regions_bounds], crs=crs), crs=crs)
     alignment = AlignmentReport(crs=str(crs), before_res=(0.5, 0.5), after_res=(0.5, 0.5), output_res=(0.5, 0.5),
                                 after_reprojected=False, before_resampled=False, after_resampled=False,
@@ -83,6 +87,20 @@ def test_report_is_one_self_contained_file_with_escaped_captions(pair, tmp_path)
     assert "test-model" in text and 'charset="utf-8"' in text
     assert "src=\"http" not in text and "src='http" not in text  # nothing fetched from outside
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]  # no temporary left behind
+
+
+def test_report_lists_flagged_captions(pair, tmp_path):
+    result = make_result(pair.before, [region_box(pair.before), region_box(pair.before, (0.7, 0.7, 0.8, 0.8))],
+                         flags=["", "names a road or path on a <compact> region"])
+    text = write_report(tmp_path / "report.html", pair.before, pair.after, result).read_text(encoding="utf-8")
+    assert "<h2>Flagged decoder captions (1)</h2>" in text
+    flags = text[text.index('<table id="flags">'):]
+    assert "names a road or path on a &lt;compact&gt; region" in flags and "<compact>" not in text
+    assert flags.count('<tr class="flag">') == 1 and "a road is built in the centre of the scene" in flags
+    assert text.count('<td class="flagged">⚠ ') == 1 and "new building (0.80)" in text
+    unflagged = make_result(pair.before, [region_box(pair.before)])
+    text = write_report(tmp_path / "plain.html", pair.before, pair.after, unflagged).read_text(encoding="utf-8")
+    assert "Flagged decoder captions" not in text
 
 
 def test_report_thumbnails_show_regions_in_red_on_the_after_image(pair, tmp_path):

@@ -43,6 +43,7 @@ def layer_facts(layer):
     return {"name": layer.name(), "features": len(feats), "renderer": layer.renderer().type(),
             "attr": getattr(layer.renderer(), "classAttribute", lambda: None)(),
             "captions": [f["caption"] for f in feats], "abstract": layer.abstract(), "map_tip": layer.mapTipTemplate(),
+            "flags": sorted(f["caption_flag"] or "" for f in feats),
             "source": layer.source()}
 
 
@@ -125,7 +126,11 @@ def body(report):
     report["clipboard"] = QApplication.clipboard().text()
     table = dock.results.table
     report["table_rows"] = table.rowCount()
-    report["table_captions"] = [table.item(r, 3).text() for r in range(table.rowCount())]
+    from changescribe.plugin.dock_widgets_results import FLAG_MARK, FLAG_ROLE
+
+    report["table_captions"] = [table.item(r, 3).text().removeprefix(FLAG_MARK) for r in range(table.rowCount())]
+    report["table_flags"] = sorted(table.item(r, 3).data(FLAG_ROLE) or "" for r in range(table.rowCount()))
+    report["table_marks"] = sum(table.item(r, 3).text().startswith(FLAG_MARK) for r in range(table.rowCount()))
     root = QgsProject.instance().layerTreeRoot()
     group = root.findGroup("ChangeScribe")
     report["group_children"] = [(c.name(), c.isVisible()) for c in group.children()] if group else None
