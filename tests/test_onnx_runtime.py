@@ -113,3 +113,26 @@ def test_pipeline_uses_onnxruntime_unless_switched_off_and_gives_pytorchs_map(mo
     assert float(np.abs(maps[True][valid] - maps[False][valid]).max()) < TOLERANCE
     assert os.listdir(tmp_path / "cache" / "onnx")  # graphs only in the cache, never beside the data or outputs
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".onnx")]
+
+
+def test_decoding_runs_on_one_cpu_thread_and_gives_the_same_words(model, sample):
+    """Decoding is many tiny operations: on the CPU it runs on one intra-op thread, then the count is restored."""
+    seen: list[int] = []
+    hook = model.module.decoder.classifier.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before, after = real_tiles(sample, n=2)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        captions = {beam: model.caption(before, after, beam_size=beam) for beam in (1, 3)}
+        assert torch.get_num_threads() == 2 and seen and set(seen) == {1}
+    finally:
+        hook.remove()
+        torch.set_num_threads(previous)
+    # one thread or two, the words are the same; beam search reorders beams without copying the memory K/V
+    with torch.inference_mode():
+        feats = model.module.encode(*model._prepare(before, after))
+        memory = model.module.caption_memory(feats)[0]
+        dec = model.module.decoder
+        for beam in (1, 3):
+            ids = dec.greedy(memory) if beam == 1 else dec.beam_search(memory, beam_size=beam)
+            assert model.vocabulary.decode_batch(ids) == captions[beam]
