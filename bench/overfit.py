@@ -37,6 +37,7 @@ from tqdm import tqdm
 from changescribe.core.model_api import InputSpec, normalise
 from changescribe.core.models.adapter import TorchChangeModel
 from changescribe.core.models.dfm import DFM
+from changescribe.core.models.network import ChangeNetwork
 from changescribe.core.models.registry import build_model, get_entry, known_models
 from changescribe.core.vocabulary import Vocabulary
 from changescribe.training.config import OptimConfig
@@ -103,9 +104,8 @@ def tiny_config(name: str, **extra) -> object:
     return dataclasses.replace(get_entry(name).config, **{**TINY[name], **extra})
 
 
-def _heads(module: nn.Module) -> tuple[bool, bool]:
-    detects = bool(getattr(module, "can_detect", True)) and hasattr(module, "change_logits")
-    return detects, bool(getattr(module, "can_caption", False))
+def _heads(module: ChangeNetwork) -> tuple[bool, bool]:
+    return module.can_detect, module.can_caption
 
 
 def _split(out, detects: bool, captions: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:

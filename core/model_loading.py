@@ -70,10 +70,11 @@ def load_model_file(path: str | os.PathLike, device: str = "cpu") -> "ChangeMode
 
 
 def build_from_card(card: dict) -> "TorchChangeModel":
-    """The model a card describes, with the card's weights (on the CPU)."""
+    """The model a card describes, with the card's weights (on the CPU): the architecture is built (layers only),
+    the pretrained parts the file leaves out are read from the local checkpoints its config names
+    (:meth:`~.models.network.ChangeNetwork.load_external_weights`), then the file's state dict is loaded."""
     from .model_api import InputSpec
     from .models.adapter import TorchChangeModel
-    from .models.pretrained import model_file_weights
     from .models.registry import UnknownModelError, build_model, config_from_dict
     from .vocabulary import Vocabulary
 
@@ -82,12 +83,15 @@ def build_from_card(card: dict) -> "TorchChangeModel":
     try:
         config = config_from_dict(arch, card["config"])
         vocab = Vocabulary.from_dict(card["vocabulary"]) if card.get("vocabulary") else None
-        with model_file_weights():  # init-only checkpoints named in the config are not read: the file has them
-            module, _ = build_model(arch, config)
+        module, _ = build_model(arch, config)
     except UnknownModelError as e:
         raise ModelFileError(f"{card['_card_path']}: {e}") from None
     except (TypeError, ValueError, KeyError) as e:
         raise ModelFileError(f"{card['_card_path']}: invalid config or vocabulary: {e}") from None
+    try:
+        module.load_external_weights()
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"{card['_card_path']}: a pretrained part this model file leaves out: {e}") from None
     try:
         module.load_state_dict(state, strict=True)
     except RuntimeError as e:

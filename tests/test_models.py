@@ -19,8 +19,9 @@ from changescribe.core.models.adapter import TorchChangeModel
 from changescribe.core.models.backbones import ResNetBackbone
 from changescribe.core.models.caption_decoder import CaptionDecoder
 from changescribe.training.losses import pix4cap_loss
+from changescribe.core.models.network import ChangeNetwork
 from changescribe.core.models.registry import (UnknownModelError, build_model, count_parameters, get_entry,
-                                               list_models)
+                                               known_models, list_models)
 from changescribe.core.vocabulary import Vocabulary, tokenize
 
 LEVIRCC = Path("/work/shared/data/levircc_captions.json")
@@ -237,6 +238,23 @@ def test_bit_adapter_cannot_caption():
     with pytest.raises(NotImplementedError):
         model.caption(*raw_pair(1, 64))
     assert model.predict(*raw_pair(1, 64), with_captions=True).captions is None
+
+
+def test_every_architecture_declares_what_it_can_do():
+    """Callers read the declarations (no probing with defaults), so they must match what the classes have:
+    a change head exactly when ``can_detect``, a caption path exactly when ``can_caption``, and the registry's
+    ``captions`` / ``detects`` the same."""
+    for name in known_models():
+        entry = get_entry(name)
+        net = entry.builder
+        assert issubclass(net, ChangeNetwork), name
+        assert net.can_detect == hasattr(net, "change_logits") == entry.detects, name
+        assert net.can_caption == (hasattr(net, "caption_memory") or hasattr(net, "generate_captions")), name
+        assert entry.captions == net.can_caption, name
+    sen, _ = build_model("sen-small")
+    assert TorchChangeModel(sen, InputSpec()).default_beam_size == sen.cfg.beam_size == 3  # SEN's paper decodes so
+    bit, _ = build_model("bit-cd")
+    assert TorchChangeModel(bit, InputSpec()).default_beam_size == 1
 
 
 # ---- model files ----------------------------------------------------------------------------------

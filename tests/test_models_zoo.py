@@ -313,6 +313,9 @@ def test_semantic_cc_local_weights_stay_outside_the_model_file(tiny_models, voca
                       llm_path=str(tmp_path / "llm"))
     torch.manual_seed(3)
     model, cfg = build_model("semantic-cc-small", cfg)  # no vocabulary: the LLM folder's tokenizer decodes
+    assert not torch.equal(model.encoder.state_dict()["blocks.0.attn.qkv.weight"],
+                           sam["image_encoder.blocks.0.attn.qkv.weight"])  # building reads no checkpoint
+    model.load_pretrained()
     enc = model.encoder.state_dict()
     assert torch.equal(enc["blocks.0.attn.qkv.weight"], sam["image_encoder.blocks.0.attn.qkv.weight"])
     assert enc["pos_embed"].shape == (1, 16, 16, 64)

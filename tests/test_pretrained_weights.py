@@ -97,6 +97,7 @@ def test_lavis_qformer_checkpoint_loads_into_semantic_cc(tmp_path):
                               qformer_checkpoint=str(tmp_path / "blip2_pretrained_tiny.pth"), freeze_pretrained=True)
     torch.manual_seed(1)
     model, cfg = build_model("semantic-cc-small", cfg, vocabulary=VOCAB)
+    model.load_pretrained()
     assert_qformer_landed(model, hf)
     key = "Qformer.bert.encoder.layer.0.crossattention.self.key.weight"  # a LAVIS name, spelled out
     assert torch.equal(model.qformer.encoder.layer[0].crossattention.attention.key.weight, lavis_layout(hf)[key])
@@ -148,17 +149,17 @@ def test_qformer_mismatches_are_explained(tmp_path):
     cfg = dataclasses.replace(get_entry("semantic-cc-small").config, **{**SCC, "qformer_encoder_width": None},
                               qformer_checkpoint=str(tmp_path / "ok.pth"))
     with pytest.raises(ValueError, match=r"crossattention\.attention\.key\.weight \(32, 48\) vs \(32, 64\)"):
-        build_model("semantic-cc-small", cfg, vocabulary=VOCAB)
+        build_model("semantic-cc-small", cfg, vocabulary=VOCAB)[0].load_pretrained()
     # more Q-Former layers in the config than in the checkpoint
     cfg = dataclasses.replace(get_entry("semantic-cc-small").config, **{**SCC, "qformer_layers": 3},
                               qformer_checkpoint=str(tmp_path / "ok.pth"))
     with pytest.raises(ValueError, match=r"tensors are missing, e\.g\. \['encoder\.layer\.2\."):
-        build_model("semantic-cc-small", cfg, vocabulary=VOCAB)
+        build_model("semantic-cc-small", cfg, vocabulary=VOCAB)[0].load_pretrained()
     # 32 queries vs 4
     cfg = dataclasses.replace(get_entry("semantic-cc-small").config, **{**SCC, "num_query_tokens": 8},
                               qformer_checkpoint=str(tmp_path / "ok.pth"))
     with pytest.raises(ValueError, match=r"query_tokens \(1, 4, 32\) vs \(1, 8, 32\)"):
-        build_model("semantic-cc-small", cfg, vocabulary=VOCAB)
+        build_model("semantic-cc-small", cfg, vocabulary=VOCAB)[0].load_pretrained()
     # not a Q-Former at all; a file that is missing
     torch.save({"model": {"visual_encoder.cls_token": torch.zeros(1)}}, tmp_path / "eva.pth")
     model, _ = build_model("semantic-cc-small", dataclasses.replace(get_entry("semantic-cc-small").config, **SCC),
@@ -179,6 +180,7 @@ def test_qformer_checkpoint_needed_at_load_only_when_frozen(tmp_path):
         cfg = dataclasses.replace(get_entry("semantic-cc-small").config, **SCC, freeze_pretrained=frozen,
                                   qformer_checkpoint=str(tmp_path / "q.pth"))
         model, cfg = build_model("semantic-cc-small", cfg, vocabulary=VOCAB)
+        model.load_pretrained()
         assert_qformer_landed(model, hf)
         assert model.qformer.layernorm.weight.requires_grad is not frozen
         with torch.no_grad():
@@ -190,6 +192,35 @@ def test_qformer_checkpoint_needed_at_load_only_when_frozen(tmp_path):
         load_model_file(cards[True])
     trained = load_model_file(cards[False])  # the checkpoint is not read: the file holds the trained Q-Former
     assert torch.equal(trained.module.query_tokens.detach(), hf["query_tokens"] + 1.0)
+
+
+def test_building_reads_no_checkpoint_loading_is_an_explicit_step(tmp_path):
+    """Constructors only build layers, so checkpoints named in a config are read when, and only when, a caller
+    asks: ``load_pretrained`` (a recipe starting training) reads them all, ``load_external_weights`` (a model file
+    being loaded) only those the file leaves out. Files that are not there make the difference visible."""
+    absent = str(tmp_path / "absent-clip.pt")
+    dfm, _ = build_model("dfm", dataclasses.replace(get_entry("dfm").config, **DFM_TINY, clip_checkpoint=absent),
+                         vocabulary=VOCAB)
+    dfm.load_external_weights()  # DFM's model file carries its trained ViT: nothing is read
+    with pytest.raises(ValueError, match="absent-clip.pt not found"):
+        dfm.load_pretrained()
+    if not HAS_HF:
+        return
+    for frozen in (False, True):
+        cfg = dataclasses.replace(get_entry("semantic-cc-small").config, **SCC, freeze_pretrained=frozen,
+                                  qformer_checkpoint=str(tmp_path / "absent-qformer.pth"))
+        scc, _ = build_model("semantic-cc-small", cfg, vocabulary=VOCAB)
+        if frozen:  # a frozen Q-Former stays out of the model file: loading the file reads the checkpoint
+            with pytest.raises(ValueError, match="absent-qformer.pth not found"):
+                scc.load_external_weights()
+        else:  # a trained one is in the file
+            scc.load_external_weights()
+        with pytest.raises(ValueError, match="absent-qformer.pth not found"):
+            scc.load_pretrained()
+    cfg = dataclasses.replace(get_entry("semantic-cc-small").config, **SCC, sam_checkpoint=str(tmp_path / "no-sam.pt"))
+    scc, _ = build_model("semantic-cc-small", cfg, vocabulary=VOCAB)
+    with pytest.raises(ValueError, match="no-sam.pt not found"):  # SAM's frozen tensors are never in the file
+        scc.load_external_weights()
 
 
 # ---- pickles ---------------------------------------------------------------------------------------------------
@@ -267,6 +298,7 @@ def test_openai_clip_checkpoint_loads_into_dfm(tmp_path):
     torch.save(state, tmp_path / "ViT-B-32-tiny.pt")
     cfg = dataclasses.replace(get_entry("dfm").config, **DFM_TINY, clip_checkpoint=str(tmp_path / "ViT-B-32-tiny.pt"))
     model, cfg = build_model("dfm", cfg, vocabulary=VOCAB)
+    model.load_pretrained()
     vit = model.vit.state_dict()
     w = CLIP["width"]
     for i in range(CLIP["layers"]):
@@ -298,6 +330,7 @@ def test_hf_clip_loads_and_computes_what_clip_computes(tmp_path):
     hf = hf_clip(tmp_path)
     cfg = dataclasses.replace(get_entry("dfm").config, **DFM_TINY, clip_checkpoint=str(tmp_path / "clip-hf"))
     model, _ = build_model("dfm", cfg, vocabulary=VOCAB)
+    model.load_pretrained()
     x = torch.randn(2, 3, CLIP["image"], CLIP["image"])
     with torch.no_grad():
         ours, _ = model.vit.eval()(x)
@@ -312,7 +345,7 @@ def test_clip_mismatches_are_explained(tmp_path):
     hf_clip(tmp_path, act="gelu")
     cfg = dataclasses.replace(get_entry("dfm").config, **DFM_TINY, clip_checkpoint=str(tmp_path / "clip-hf"))
     with pytest.raises(ValueError, match="activation is 'gelu' but the config's vit_activation is 'quick_gelu'"):
-        build_model("dfm", cfg, vocabulary=VOCAB)
+        build_model("dfm", cfg, vocabulary=VOCAB)[0].load_pretrained()
     torch.save(openai_clip_state(), tmp_path / "clip.pt")
     for change, message in (({"vit_width": 128, "d_model": 128}, r"conv1\.weight \(64, 3, 32, 32\) vs \(128, 3, 32, 32\)"),
                             ({"vit_layers": 3}, r"tensors are missing, e\.g\. \['blocks\.2\."),

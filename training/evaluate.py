@@ -33,8 +33,8 @@ def evaluate(model: ChangeModel, data, batch_size: int, meteor: bool = False, be
     scores = MaskScores(threshold)
     refs: list[list[str]] = []
     hyps: list[str] = []
-    captions = bool(getattr(model, "can_caption", False))
-    detects = bool(getattr(model, "can_detect", True))  # SEN before its pairing: captions only
+    captions = model.can_caption
+    detects = model.can_detect  # SEN before its pairing: captions only
     loader = DataLoader(data, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
     referenced = True  # a pair without references voids the caption metrics: stop generating captions
     for batch in loader:

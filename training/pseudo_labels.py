@@ -61,7 +61,7 @@ def write_pseudo_labels(cd_model: str | os.PathLike, data_root: str | os.PathLik
             continue
         if model is None:
             model = load_model(cd_model, device)
-            if not getattr(model, "can_detect", True):
+            if not model.can_detect:
                 raise ValueError(f"{cd_model}: model {model.name!r} has no change head; use a change detector")
             log.info("pseudo-labels with %s on %s", model.name, device)
         loader = DataLoader(Subset(ds, todo), batch_size=batch_size, collate_fn=collate, num_workers=num_workers)

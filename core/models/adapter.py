@@ -1,18 +1,17 @@
-"""``TorchChangeModel``: any registered nn.Module behind the pipeline's :class:`ChangeModel` interface.
+"""``TorchChangeModel``: any registered :class:`.network.ChangeNetwork` behind the pipeline's :class:`ChangeModel`.
 
-The wrapped module must provide (BIT and Pix4Cap do), all on *normalised* inputs:
+The wrapped network declares ``can_detect``, ``can_caption`` and ``default_beam_size`` (:class:`.network.ChangeNetwork`)
+and provides, all on *normalised* inputs:
 
 * ``encode(before, after) -> features`` - the expensive shared part, run once per batch;
 * ``change_logits(features) -> (B, 2, H, W)``;
-* captioners also: ``caption_memory(features) -> (memory (B, N, D), memory_mask | None)``, a
-  ``decoder`` (:class:`CaptionDecoder`) and ``can_caption = True``;
+* captioners also: ``caption_memory(features) -> (memory (B, N, D), memory_mask | None)`` and a
+  ``decoder`` (:class:`CaptionDecoder`);
 * captioners that decode with their own generator (Semantic-CC's LLM) instead provide
   ``generate_captions(features, beam_size, max_len) -> ids (B, T)`` and ``decode_captions(ids) -> list[str]``,
-  and ``attach_vocabulary(vocabulary)`` when a word-level vocabulary can serve as their tokenizer;
-* captioners without a change head (SEN) set ``can_detect = False`` and have no ``change_logits``: they
+  and take a word-level vocabulary as their tokenizer through ``attach_vocabulary``;
+* captioners without a change head (SEN) declare ``can_detect = False`` and have no ``change_logits``: they
   run in the pipeline paired with a change detector (:class:`.pairing.PairedChangeModel`).
-
-A module's ``cfg.beam_size`` (SEN: 3, the paper's choice) is offered as :attr:`default_beam_size`.
 """
 
 from __future__ import annotations
@@ -20,16 +19,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..model_api import ChangeModel, InputSpec, Prediction, check_batch, normalise
 from ..vocabulary import Vocabulary
+from .network import ChangeNetwork
 
 
 class TorchChangeModel(ChangeModel):
     """Inference wrapper: normalises raw 0..255 input, runs in eval mode under ``torch.inference_mode``."""
 
-    def __init__(self, module: nn.Module, input_spec: InputSpec, vocabulary: Vocabulary | None = None, *,
+    def __init__(self, module: ChangeNetwork, input_spec: InputSpec, vocabulary: Vocabulary | None = None, *,
                  name: str = "unnamed", version: str = "0", architecture: str | None = None,
                  card: dict[str, Any] | None = None) -> None:
         self.module = module.eval()
@@ -38,24 +37,22 @@ class TorchChangeModel(ChangeModel):
         self.name, self.version = name, version
         self.architecture = architecture
         self.card = card or {}
-        if vocabulary is not None and hasattr(module, "attach_vocabulary"):
+        if vocabulary is not None:
             module.attach_vocabulary(vocabulary)
 
     @property
     def can_caption(self) -> bool:
-        if not getattr(self.module, "can_caption", False):
-            return False
-        return self.vocabulary is not None or getattr(self.module, "tokenizer", None) is not None
+        return self.module.can_caption and (self.vocabulary is not None or self.module.has_text_tokenizer)
 
     @property
     def can_detect(self) -> bool:
         """False for captioners without a change head (pair them with a detector)."""
-        return bool(getattr(self.module, "can_detect", True)) and hasattr(self.module, "change_logits")
+        return self.module.can_detect
 
     @property
     def default_beam_size(self) -> int:
         """The beam size the model's paper decodes with (1 = greedy when the config says nothing)."""
-        return int(getattr(getattr(self.module, "cfg", None), "beam_size", 1) or 1)
+        return self.module.default_beam_size
 
     @property
     def device(self) -> torch.device:

@@ -25,6 +25,7 @@ from torch import nn
 
 from .attention import PreNormBlock
 from .backbones import ResNetBackbone
+from .network import ChangeNetwork
 
 
 @dataclass
@@ -69,10 +70,8 @@ class BitCDFeatures:
     size: tuple[int, int]
 
 
-class BitCD(nn.Module):
+class BitCD(ChangeNetwork):
     """BIT change detector; ``forward(before, after)`` -> logits (B, num_classes, H, W) on normalised input."""
-
-    can_caption = False
 
     def __init__(self, cfg: BitCDConfig | None = None, backbone_weights: str | None = None) -> None:
         super().__init__()

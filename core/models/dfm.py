@@ -26,8 +26,9 @@ hyper-parameter values):
   configuration), the encoder of DFM's baseline RSCaMa and the "CLIP" of the paper's ablation table; embedding
   dimension D = 768 (the ViT width, so no projection is needed). ``clip_checkpoint`` names a LOCAL CLIP
   checkpoint (OpenAI / open_clip ``ViT-B-32`` or a Hugging Face CLIP export) whose vision tower initialises the
-  ViT (key mapping in :mod:`.pretrained`); TGCL trains the ViT, so the model file carries it and loading a model
-  file does not read the checkpoint. ``vit_activation`` must match the checkpoint (OpenAI: ``quick_gelu``).
+  ViT (key mapping in :mod:`.pretrained`) when a recipe calls :meth:`DFM.load_pretrained`; TGCL trains the ViT,
+  so the model file carries it and loading a model file does not read the checkpoint. ``vit_activation`` must
+  match the checkpoint (OpenAI: ``quick_gelu``).
 * Eq. 7's "feature extraction modules" (RSCaMa's Mamba layers; no state-space kernel here) are
   ``st_layers`` = 3 pre-norm Transformer layers over the tokens of both dates jointly (temporal embeddings
   tell them apart), followed by ``Linear([f1, f2, f2 - f1])`` -> D: the spatio-temporal difference tokens.
@@ -51,7 +52,8 @@ from torch import nn
 from .attention import CrossAttentionBlock, LearnedPosition2D, PreNormBlock
 from .caption_decoder import CaptionDecoder
 from .bit_cd import BitCD, BitCDConfig, BitCDFeatures
-from .pretrained import load_clip_vision, may_read_checkpoint
+from .network import ChangeNetwork
+from .pretrained import load_clip_vision
 from .vit import ClipViT
 
 
@@ -120,11 +122,10 @@ class DFMFeatures:
     cd: BitCDFeatures
 
 
-class DFM(nn.Module):
+class DFM(ChangeNetwork):
     """DFM on normalised inputs; ``forward(before, after, tokens)`` -> (cd_logits, caption_logits)."""
 
     can_caption = True
-    can_detect = True
 
     def __init__(self, cfg: DFMConfig | None = None, backbone_weights: str | None = None) -> None:
         super().__init__()
@@ -152,8 +153,17 @@ class DFM(nn.Module):
                                       cfg.max_caption_length, cfg.layer_residual)
         if cfg.freeze_cd:
             self.cd.requires_grad_(False)
-        if cfg.clip_checkpoint and may_read_checkpoint():
-            self.load_clip_weights(cfg.clip_checkpoint)
+
+    @property
+    def default_beam_size(self) -> int:
+        return self.cfg.beam_size
+
+    def load_pretrained(self) -> None:
+        """The ViT from ``clip_checkpoint`` when the config names one (the CD encoder's weights come from a bit-cd
+        model file: the DFM recipe's ``load_cd_weights``)."""
+        super().load_pretrained()
+        if self.cfg.clip_checkpoint:
+            self.load_clip_weights(self.cfg.clip_checkpoint)
 
     def train(self, mode: bool = True) -> "DFM":
         super().train(mode)

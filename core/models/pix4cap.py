@@ -27,6 +27,7 @@ from torch import nn
 from .attention import FeedForward, LearnedPosition2D, MultiHeadAttention
 from .backbones import build_backbone
 from .caption_decoder import CaptionDecoder
+from .network import ChangeNetwork
 
 
 @dataclass
@@ -155,7 +156,7 @@ class Pix4CapFeatures:
     size: tuple[int, int]
 
 
-class Pix4Cap(nn.Module):
+class Pix4Cap(ChangeNetwork):
     """Pix4Cap on normalised inputs: ``forward(before, after, tokens)`` -> (cd_logits, caption_logits)."""
 
     can_caption = True

@@ -26,20 +26,18 @@
 Files: ``.safetensors``, a Hugging Face folder (``*.safetensors`` or ``pytorch_model.bin`` + ``config.json``), or
 a torch file read with ``torch.load(weights_only=True)``; a file that needs unpickling is refused.
 
-**When the files are read.** A frozen part that a model file leaves out (Semantic-CC's Q-Former with
-``freeze_pretrained``) is read whenever the model is built, like ``sam_checkpoint``. A part that training changes
-(DFM's ViT, an unfrozen Q-Former) is only initialised from the checkpoint when a model is built for training: while
-a model file is loaded (:func:`model_file_weights`) its own tensors replace it, so the checkpoint is not read and
-need not exist on the machine that runs the model.
+**When the files are read.** Never while a model is built: constructors only build layers
+(:mod:`.network`). A frozen part that a model file leaves out (Semantic-CC's Q-Former with ``freeze_pretrained``,
+like ``sam_checkpoint``) is read whenever a model file is loaded (``load_external_weights``) and when training
+starts. A part that training changes (DFM's ViT, an unfrozen Q-Former) is only read when a recipe starts training
+(``load_pretrained``): the model file carries the trained tensors, so the checkpoint need not exist on the machine
+that runs the model.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,27 +48,6 @@ from .backbones import load_state_file
 
 if TYPE_CHECKING:
     from .vit import ClipViT
-
-_LOADING_MODEL_FILE: contextvars.ContextVar[bool] = contextvars.ContextVar("changescribe_loading_model_file",
-                                                                           default=False)
-
-
-@contextlib.contextmanager
-def model_file_weights() -> Iterator[None]:
-    """Around building a module whose every trained tensor then comes from a model file."""
-    token = _LOADING_MODEL_FILE.set(True)
-    try:
-        yield
-    finally:
-        _LOADING_MODEL_FILE.reset(token)
-
-
-def may_read_checkpoint(kept_out_of_model_file: bool = False) -> bool:
-    """Whether a builder should read a pretrained checkpoint now: never on the meta device (parameter counts),
-    and while a model file is loaded only for tensors that file does not hold."""
-    if torch.get_default_device().type == "meta":
-        return False
-    return kept_out_of_model_file or not _LOADING_MODEL_FILE.get()
 
 
 # ---- reading ------------------------------------------------------------------------------------------------

@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from .bit_cd import BitCD, BitCDConfig
 from .dfm import DFM, DFMConfig
+from .network import ChangeNetwork
 from .pix4cap import Pix4Cap, Pix4CapConfig
 from .semantic_cc import WEIGHTS_NOTE, SemanticCC, SemanticCCConfig, sam_config
 from .sen import SEN, SENConfig
 
-Builder = Callable[..., nn.Module]  # builder(config, backbone_weights=None) -> nn.Module
+# The architecture's class: builder(config, backbone_weights=None) builds its layers; pretrained checkpoints that
+# the config names are read afterwards, by whoever needs them (ChangeNetwork.load_pretrained / load_external_weights).
+Builder = type[ChangeNetwork]
 
 
 class UnknownModelError(ValueError):
@@ -41,7 +42,7 @@ class ModelEntry:
     @property
     def detects(self) -> bool:
         """Whether the architecture has a change head (SEN has none: it runs paired with a detector)."""
-        return bool(getattr(self.builder, "can_detect", True)) and hasattr(self.builder, "change_logits")
+        return self.builder.can_detect
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -80,12 +81,14 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def build_model(name: str, config: Any = None, *, input_spec: Any = None, vocabulary: Any = None,
-                backbone_weights: str | None = None) -> tuple[nn.Module, Any]:
+                backbone_weights: str | None = None) -> tuple[ChangeNetwork, Any]:
     """Build a registered model -> (module, config actually used).
 
     ``input_spec.bands`` sets ``in_channels`` and ``len(vocabulary)`` sets ``vocab_size`` so the returned
     config alone rebuilds the module. ``backbone_weights`` is a LOCAL file (never a download) and is not
-    stored in the config: the model file carries the trained weights.
+    stored in the config: the model file carries the trained weights. Checkpoints the config names (DFM's
+    ``clip_checkpoint``, Semantic-CC's ``sam_checkpoint`` / ``qformer_checkpoint``) are not read here: a recipe
+    calls the module's ``load_pretrained()``, model-file loading its ``load_external_weights()``.
     """
     entry = get_entry(name)
     cfg = entry.config if config is None else config
@@ -98,7 +101,7 @@ def build_model(name: str, config: Any = None, *, input_spec: Any = None, vocabu
         changes["vocab_size"] = len(vocabulary)
     cfg = dataclasses.replace(cfg, **changes)
     module = entry.builder(cfg, backbone_weights=backbone_weights)
-    if vocabulary is not None and hasattr(module, "attach_vocabulary"):  # Semantic-CC's word-level tokenizer
+    if vocabulary is not None:  # Semantic-CC's word-level tokenizer
         module.attach_vocabulary(vocabulary)
     return module, cfg
 

@@ -66,7 +66,8 @@ from torch import nn
 
 from .attention import PreNormBlock
 from .pix4cap import conv_bn_relu
-from .pretrained import load_qformer, may_read_checkpoint, read_checkpoint
+from .network import ChangeNetwork
+from .pretrained import load_qformer, read_checkpoint
 from .vit import SAM_VARIANTS, LayerNorm2d, SamViT, load_sam_encoder
 
 WEIGHTS_NOTE = (
@@ -328,11 +329,14 @@ def _on_meta() -> bool:
     return torch.get_default_device().type == "meta"
 
 
-class SemanticCC(nn.Module):
-    """Semantic-CC on normalised inputs; ``forward(before, after, tokens)`` -> (cd_logits, caption_logits)."""
+class SemanticCC(ChangeNetwork):
+    """Semantic-CC on normalised inputs; ``forward(before, after, tokens)`` -> (cd_logits, caption_logits).
+
+    ``backbone_weights`` (a LOCAL SAM checkpoint) stands in for ``sam_checkpoint`` when the config names none; it
+    is read by :meth:`load_pretrained`, never by the constructor.
+    """
 
     can_caption = True
-    can_detect = True
 
     def __init__(self, cfg: SemanticCCConfig | None = None, backbone_weights: str | None = None) -> None:
         super().__init__()
@@ -348,11 +352,7 @@ class SemanticCC(nn.Module):
         self.cd_decoder = MultiScaleChangeDecoder(cfg.neck_channels, cfg.fpn_channels, cfg.cd_channels,
                                                   cfg.num_classes)
         self._build_caption_branch(cfg)
-        sam = cfg.sam_checkpoint or backbone_weights
-        if sam and not _on_meta():
-            load_sam_encoder(self.encoder, sam)
-        if cfg.qformer_checkpoint and may_read_checkpoint(kept_out_of_model_file=cfg.freeze_pretrained):
-            load_qformer(self, cfg.qformer_checkpoint)
+        self.backbone_weights = backbone_weights
         if cfg.freeze_pretrained:
             self.encoder.freeze_pretrained()
             self.qformer.requires_grad_(False)
@@ -419,10 +419,37 @@ class SemanticCC(nn.Module):
                                                      target_modules=list(cfg.llm_lora_targets)))
         return llm
 
-    # ---- external (re-loaded, never saved) weights ------------------------------------------------------
+    # ---- pretrained and external (re-loaded, never saved) weights -----------------------------------------
+    @property
+    def default_beam_size(self) -> int:
+        return self.cfg.beam_size
+
+    @property
+    def has_text_tokenizer(self) -> bool:
+        return self.tokenizer is not None
+
+    def load_external_weights(self) -> None:
+        """SAM's encoder from ``sam_checkpoint`` and, with ``freeze_pretrained``, the Q-Former from
+        ``qformer_checkpoint``: the tensors :meth:`is_external` keeps out of model files. (The LLM of ``llm_path``
+        is read when the LLM is built: transformers builds a pretrained LLM from its folder.)"""
+        if self.cfg.sam_checkpoint:
+            load_sam_encoder(self.encoder, self.cfg.sam_checkpoint)
+        if self.cfg.qformer_checkpoint and self.cfg.freeze_pretrained:
+            load_qformer(self, self.cfg.qformer_checkpoint)
+
+    def load_pretrained(self) -> None:
+        """The external tensors, plus the parts a recipe starts from and then trains: SAM's encoder from
+        ``backbone_weights`` when the config names no ``sam_checkpoint``, an unfrozen Q-Former from
+        ``qformer_checkpoint``."""
+        super().load_pretrained()
+        if self.backbone_weights and not self.cfg.sam_checkpoint:
+            load_sam_encoder(self.encoder, self.backbone_weights)
+        if self.cfg.qformer_checkpoint and not self.cfg.freeze_pretrained:
+            load_qformer(self, self.cfg.qformer_checkpoint)
+
     def is_external(self, key: str) -> bool:
-        """True for a state-dict key whose tensor comes from ``llm_path`` / ``sam_checkpoint`` / a frozen
-        ``qformer_checkpoint`` at build time."""
+        """True for a state-dict key whose tensor comes from ``llm_path`` (read when the LLM is built) or from
+        ``sam_checkpoint`` / a frozen ``qformer_checkpoint`` (read by :meth:`load_external_weights`)."""
         if self.cfg.llm_path and key.startswith("llm.") and "lora_" not in key:
             return True
         if self.cfg.qformer_checkpoint and self.cfg.freeze_pretrained and (

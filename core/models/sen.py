@@ -43,6 +43,7 @@ from torch import nn
 from .attention import CrossAttentionBlock, LearnedPosition2D, MultiHeadAttention
 from .backbones import ResNetBackbone
 from .caption_decoder import CaptionDecoder
+from .network import ChangeNetwork
 
 
 @dataclass
@@ -133,7 +134,7 @@ class SENFeatures:
     size: tuple[int, int]
 
 
-class SEN(nn.Module):
+class SEN(ChangeNetwork):
     """SEN on normalised inputs; ``forward(before, after, tokens)`` -> caption logits (B, T, V)."""
 
     can_caption = True
@@ -157,6 +158,10 @@ class SEN(nn.Module):
         if cfg.freeze_stem:
             for p in (*self.extractor.conv1.parameters(), *self.extractor.bn1.parameters()):
                 p.requires_grad_(False)
+
+    @property
+    def default_beam_size(self) -> int:
+        return self.cfg.beam_size
 
     def encode(self, before: torch.Tensor, after: torch.Tensor) -> SENFeatures:
         pair = (after, before) if self.cfg.input_order == "after_before" else (before, after)

@@ -169,6 +169,7 @@ def _train(cfg: TrainConfig, out_dir: str | Path, rt: Runtime, resume: bool) -> 
     spec = InputSpec(bands=3, mean=cd_spec.mean, std=cd_spec.std, tile_size=cfg.tile_size, gsd=cfg.gsd)
     arch_cfg = _arch_config(cfg, cd_overrides, encoder.dim, clip)
     dfm, arch_cfg = build_model(cfg.architecture, arch_cfg, input_spec=spec, vocabulary=vocab)
+    dfm.load_pretrained()  # the ViT from clip_checkpoint
     load_cd_weights(dfm, cfg.cd_model)
     module = TGCLForward(dfm)
 

@@ -258,6 +258,7 @@ def build_task(cfg: TrainConfig, out_dir: str | Path, rt: Runtime) -> Task:
     vocab = None if arch_cfg.llm_path else build_vocabulary(cfg, training_captions(train_set))
     spec = InputSpec(bands=3, tile_size=cfg.tile_size, gsd=cfg.gsd)
     model, arch_cfg = build_model(cfg.architecture, arch_cfg, input_spec=spec, vocabulary=vocab)
+    model.load_pretrained()  # SAM's encoder and the Q-Former from the local checkpoints the config names
     if arch_cfg.freeze_pretrained and not arch_cfg.qformer_checkpoint:  # nothing pretrained to keep: it trains
         model.qformer.requires_grad_(True)
         model.query_tokens.requires_grad_(True)
