@@ -86,12 +86,12 @@ def _save_bit_checkpoint(net: torch.nn.Module, path: Path) -> None:
                 "optimizer_G_state_dict": opt.state_dict(), "exp_lr_scheduler_G_state_dict": sched.state_dict()}, path)
 
 
-def _pairs(peer: Path, n_random: int, seed: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def _pairs(peer: Path, n_samples: int | None, n_random: int, seed: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """The peer's sample pairs (real LEVIR-CD crops) and random 0..255 pairs, as (name, HxWx3, HxWx3) uint8."""
     from PIL import Image
 
     pairs = []
-    for a in sorted((peer / "samples" / "A").glob("*.png")):
+    for a in sorted((peer / "samples" / "A").glob("*.png"))[:n_samples]:
         b = peer / "samples" / "B" / a.name
         if b.is_file():
             ia, ib = np.asarray(Image.open(a).convert("RGB")), np.asarray(Image.open(b).convert("RGB"))
@@ -146,7 +146,7 @@ def run_bit(args: argparse.Namespace) -> dict:
             raise SystemExit(f"import failed with exit code {code}")
         model = load_model_file(Path(tmp) / "bit-test.json")
         worst, masks_equal, spread = 0.0, True, []
-        for name, a, b in _pairs(Path(args.peer), args.random_pairs, args.seed):
+        for name, a, b in _pairs(Path(args.peer), args.samples, args.random_pairs, args.seed):
             ta = torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float()
             tb = torch.from_numpy(b.copy()).permute(2, 0, 1)[None].float()
             with torch.no_grad():  # the peer's input: ToTensor then Normalize(0.5, 0.5)
@@ -196,6 +196,7 @@ def main() -> int:
     p.add_argument("--variant", default="base_transformer_pos_s4_dd8_dedim8",
                    help="the peer's model name (BIT_CD --net_G; default: its released LEVIR-CD model's)")
     p.add_argument("--random-pairs", type=int, default=4)
+    p.add_argument("--samples", type=int, default=None, help="use only the first N of the peer's sample pairs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--commit", default=None, help="the peer commit, when the checkout is not a git repository")
     p.add_argument("--time-batch", type=int, default=0, help="also time both on this many random pairs per batch")
