@@ -20,12 +20,16 @@ by type for the scene caption. One piece of code serves the pipeline, the CLI, P
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    from .raster_pair import AlignedPair
 
 __all__ = ["CHANGE_TYPES", "PixelFacts", "RegionFacts", "GroundedRegion", "region_facts", "measure_pixels",
            "measure_regions", "compass_words", "orientation_words", "classify_change", "decoder_type", "ground_region",
@@ -71,6 +75,8 @@ TEXTURE_STEP = 0.004  # ... of mean texture (gradient magnitude per pixel)
 DARK = 0.22           # mean brightness below which smooth ground may be water
 SMOOTH = 0.03         # mean texture below which ground counts as smooth
 CONFIDENT = 0.5       # a type below this confidence is reported as "other change"
+BACKGROUND_MARGIN = 32  # pixels of unchanged ground around a region (at most) that say what changed everywhere
+MIN_BACKGROUND = 16     # fewer background pixels than this: no background correction
 
 
 @dataclass(frozen=True)
@@ -85,18 +91,23 @@ class PixelFacts:
     texture_after: float
     objects: int                 # connected parts of the unsmoothed mask (prob >= threshold) inside the region
     greenness_index: str = "ExG"  # "ExG" (excess green on RGB) or "NDVI" (with a near-infrared band)
+    # the same changes on the unchanged ground around the region (a season or illumination shift between the
+    # dates): the region's changes are counted over and above them
+    background_brightness_change: float = 0.0
+    background_greenness_change: float = 0.0
+    background_texture_change: float = 0.0
 
     @property
     def d_brightness(self) -> float:
-        return self.brightness_after - self.brightness_before
+        return self.brightness_after - self.brightness_before - self.background_brightness_change
 
     @property
     def d_greenness(self) -> float:
-        return self.greenness_after - self.greenness_before
+        return self.greenness_after - self.greenness_before - self.background_greenness_change
 
     @property
     def d_texture(self) -> float:
-        return self.texture_after - self.texture_before
+        return self.texture_after - self.texture_before - self.background_texture_change
 
 
 @dataclass(frozen=True)
@@ -184,28 +195,33 @@ class PixelMeter:
         self._mask = np.zeros((-(-height // self.stride), -(-width // self.stride)), bool)
         self._sums = np.zeros(6)
         self._n = 0
+        self._ring = np.zeros(6)
+        self._ring_n = 0
         self._index = "ExG"
 
     def add(self, row: int, before: np.ndarray, after: np.ndarray, inside: np.ndarray,
-            change: np.ndarray | None = None) -> None:
+            change: np.ndarray | None = None, ring: np.ndarray | None = None) -> None:
         """A band starting ``row`` rows into the region's window: (bands, h, w) pixels on a 0..255 scale, the
-        region's valid pixels, and the unsmoothed change mask (prob >= threshold)."""
+        region's valid pixels, the unsmoothed change mask (prob >= threshold) and the unchanged valid pixels
+        around the region (its background)."""
         if change is not None and self.stride >= 1:
             first = (-row) % self.stride
             thin = (change & inside)[first::self.stride, ::self.stride]
             r0 = (row + first) // self.stride
             self._mask[r0:r0 + thin.shape[0], :thin.shape[1]] |= thin
         n = int(inside.sum())
-        if n == 0:
+        n_ring = int(ring.sum()) if ring is not None else 0
+        if n == 0 and n_ring == 0:
             return
         for k, img in enumerate((before, after)):
-            bright, green, texture = _pixel_measures(img)
+            measures = _pixel_measures(img)
             if img.shape[0] >= 4:
                 self._index = "NDVI"
-            self._sums[3 * k:3 * k + 3] += (bright[inside].sum(dtype=np.float64),
-                                            green[inside].sum(dtype=np.float64),
-                                            texture[inside].sum(dtype=np.float64))
+            self._sums[3 * k:3 * k + 3] += [m[inside].sum(dtype=np.float64) for m in measures]
+            if n_ring:
+                self._ring[3 * k:3 * k + 3] += [m[ring].sum(dtype=np.float64) for m in measures]
         self._n += n
+        self._ring_n += n_ring
 
     def facts(self) -> PixelFacts | None:
         """The region's pixel facts; None when no valid pixel was seen."""
@@ -216,8 +232,11 @@ class PixelMeter:
         if n:
             sizes = np.bincount(labels.ravel())[1:]
             n = int((sizes >= max(2, 0.02 * self._mask.sum())).sum())
+        back = (self._ring[3:] - self._ring[:3]) / self._ring_n if self._ring_n >= MIN_BACKGROUND else np.zeros(3)
         return PixelFacts(*(round(float(v), 4) for v in (m[0], m[3], m[1], m[4], m[2], m[5])), objects=max(1, n),
-                          greenness_index=self._index)
+                          greenness_index=self._index, background_brightness_change=round(float(back[0]), 4),
+                          background_greenness_change=round(float(back[1]), 4),
+                          background_texture_change=round(float(back[2]), 4))
 
 
 def _pixel_measures(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -240,18 +259,20 @@ def _pixel_measures(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def measure_pixels(before: np.ndarray, after: np.ndarray, inside: np.ndarray,
-                   change: np.ndarray | None = None) -> PixelFacts | None:
+                   change: np.ndarray | None = None, ring: np.ndarray | None = None) -> PixelFacts | None:
     """Pixel facts of one region from arrays in memory: (bands, h, w) before/after pixels on a 0..255 scale, the
-    region's valid pixels and the unsmoothed change mask (both (h, w) bool)."""
+    region's valid pixels, the unsmoothed change mask and the unchanged pixels around the region (all (h, w)
+    bool)."""
     meter = PixelMeter(*inside.shape)
-    meter.add(0, before, after, inside, change)
+    meter.add(0, before, after, inside, change, ring)
     return meter.facts()
 
 
-def measure_regions(pair, prob_path, geoms: Iterable, threshold: float,
+def measure_regions(pair: "AlignedPair", prob_path: str | os.PathLike, geoms: Iterable, threshold: float,
                     band_pixels: int = 2**20) -> list[PixelFacts | None]:
     """Pixel facts of regions of a run: the aligned pair (:class:`.raster_pair.AlignedPair`) and its probability
-    raster are read over each region's bounds, a band of rows at a time, so memory stays that of a band."""
+    raster are read over each region's bounds and a margin of unchanged ground around it (half its size, at most
+    :data:`BACKGROUND_MARGIN` px), a band of rows at a time, so memory stays that of a band."""
     import rasterio
     from rasterio.features import geometry_mask
     from rasterio.windows import Window, from_bounds, transform as window_transform
@@ -261,7 +282,10 @@ def measure_regions(pair, prob_path, geoms: Iterable, threshold: float,
     with rasterio.open(prob_path) as prob_src:
         for geom in geoms:
             win = from_bounds(*geom.bounds, transform=pair.grid.transform)
-            win = win.round_offsets(op="floor").round_lengths(op="ceil").intersection(grid)
+            win = win.round_offsets(op="floor").round_lengths(op="ceil")
+            margin = int(min(BACKGROUND_MARGIN, max(4, max(win.width, win.height) // 2)))
+            win = Window(win.col_off - margin, win.row_off - margin, win.width + 2 * margin,
+                         win.height + 2 * margin).intersection(grid)
             col, row, w, h = (int(v) for v in (win.col_off, win.row_off, win.width, win.height))
             meter = PixelMeter(h, w)
             band = max(1, band_pixels // max(w, 1))
@@ -269,9 +293,10 @@ def measure_regions(pair, prob_path, geoms: Iterable, threshold: float,
                 part = Window(col, r, w, min(band, row + h - r))
                 before, after, valid = pair.read(part)
                 prob = prob_src.read(1, window=part)
-                inside = ~geometry_mask([geom], out_shape=valid.shape,
-                                        transform=window_transform(part, pair.grid.transform)) & valid
-                meter.add(r - row, before, after, inside, prob >= threshold)
+                region = ~geometry_mask([geom], out_shape=valid.shape,
+                                        transform=window_transform(part, pair.grid.transform))
+                change = prob >= threshold
+                meter.add(r - row, before, after, region & valid, change, valid & ~region & ~change & (prob >= 0))
             out.append(meter.facts())
     return out
 
@@ -294,13 +319,9 @@ def decoder_type(caption: str) -> str | None:
         return None
     gone = bool(_GONE_WORDS.search(low))
     new = bool(_NEW_WORDS.search(low))
-    # the first class word named decides (LEVIR-CC sentences name the main change first)
-    hits = [(m.start(), kind) for kind, rx in (("building", _COMPACT_WORDS), ("road", _LINEAR_WORDS),
-                                               ("vegetation", _VEG_WORDS), ("water", _WATER_WORDS),
-                                               ("soil", _SOIL_WORDS)) for m in [rx.search(low)] if m]
-    if not hits:
+    kind = _main_kind(low)
+    if kind is None:
         return None
-    kind = min(hits)[1]
     if kind == "building":
         return BUILDING_REMOVED if gone and _first(_GONE_WORDS, low) < _first(_NEW_WORDS, low) else NEW_BUILDING
     if kind == "road":
@@ -310,6 +331,15 @@ def decoder_type(caption: str) -> str | None:
     if kind == "water":
         return WATER
     return BARE_SOIL
+
+
+def _main_kind(low: str) -> str | None:
+    """The first class of thing a sentence names (LEVIR-CC sentences name the main change first): building, road,
+    vegetation, water, soil, or None."""
+    hits = [(m.start(), kind) for kind, rx in (("building", _COMPACT_WORDS), ("road", _LINEAR_WORDS),
+                                               ("vegetation", _VEG_WORDS), ("water", _WATER_WORDS),
+                                               ("soil", _SOIL_WORDS)) for m in [rx.search(low)] if m]
+    return min(hits)[1] if hits else None
 
 
 def _first(rx: re.Pattern, text: str) -> int:
@@ -453,7 +483,7 @@ def ground_caption(caption: str, facts: RegionFacts) -> tuple[str, str]:
         reason = "names a road or path on a compact region"
     elif _COMPACT_WORDS.search(low) and not _LINEAR_WORDS.search(low) and facts.shape == "linear":
         reason = "names a building on a long thin strip"
-    elif _VEG_WORDS.search(low) and facts.pixels is not None and abs(facts.pixels.d_greenness) < GREEN_STEP:
+    elif _main_kind(low) == "vegetation" and facts.pixels is not None and abs(facts.pixels.d_greenness) < GREEN_STEP:
         p = facts.pixels
         reason = (f"names vegetation but greenness did not change ({p.greenness_index} {p.greenness_before:+.2f} → "
                   f"{p.greenness_after:+.2f})")

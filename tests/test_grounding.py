@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from rasterio.features import rasterize
+from scipy import ndimage
 from shapely.geometry import LineString, Point, Polygon, box
 from shapely.ops import unary_union
 
@@ -93,6 +94,18 @@ def test_pixel_facts_measure_brightness_greenness_texture_and_objects():
     assert p4.greenness_index == "NDVI" and p4.d_greenness < -0.3
 
 
+def test_a_change_of_the_whole_scene_is_not_counted_as_the_region_s():
+    # the after image is brighter and greener everywhere (another season); inside the region nothing else changed
+    before, after, inside = _scene_pixels((150, 130, 110), (150, 130, 110))
+    after = np.clip(after * np.array([0.95, 1.25, 0.95], np.float32)[:, None, None] + 10, 0, 255)
+    ring = ~inside
+    alone = measure_pixels(before, after, inside, inside)
+    assert alone.d_greenness > 0.05 and alone.d_brightness > 0.04
+    p = measure_pixels(before, after, inside, inside, ring)
+    assert abs(p.d_greenness) < 0.01 and abs(p.d_brightness) < 0.01
+    assert p.background_greenness_change > 0.05
+
+
 def _facts(before_rgb, after_rgb, geom=None, noise=0.0, area=256.0):
     before, after, inside = _scene_pixels(before_rgb, after_rgb, noise=noise)
     return region_facts(geom if geom is not None else box(200, 200, 216, 216), area, SCENE,
@@ -119,6 +132,8 @@ def test_a_type_the_facts_contradict_is_not_used_and_is_flagged():
     assert g.change_type != VEG_LOST and "greenness" in g.caption_flag
     assert g.model_caption == "the trees are cut down in the north-east part of the scene"
     assert "tree" not in g.caption and "in the north-east part of the scene" in g.caption
+    # grass named as the ground of a building is no claim about vegetation
+    assert ground_region("some houses are built on the grass", roof).caption_flag == ""
 
 
 def test_a_road_on_a_compact_blob_is_flagged_and_the_caption_says_the_facts():
@@ -188,8 +203,9 @@ def _truth_regions(seeds):
             if inside.sum() < 8:
                 continue
             geom = unary_union([Polygon([(x, h - y) for x, y in r]) for r in rings])  # north up
-            px = measure_pixels(pair.before.astype(np.float32), pair.after.astype(np.float32), inside,
-                                pair.change_mask.astype(bool))
+            changed = pair.change_mask.astype(bool)
+            ring = ndimage.binary_dilation(inside, iterations=8) & ~inside & ~changed
+            px = measure_pixels(pair.before.astype(np.float32), pair.after.astype(np.float32), inside, changed, ring)
             cy, cx = rec["centroid"]
             out.append((names[(rec["object"], rec["kind"])], compass_words(cx / w, cy / h),
                         region_facts(geom, geom.area * 0.25, (0, 0, w, h), px)))
