@@ -463,7 +463,7 @@ def _run_units(todo: list[Unit], rows: dict[str, dict], Client, LocalCluster, as
         say(f"connecting to the dask scheduler at {scheduler}")
     else:
         # One process per worker, one dask thread each: a unit's torch uses the worker's share of the cores.
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                                silence_logs=logging.CRITICAL)
         address = cluster
         say(f"LocalCluster: {n_workers} worker processes, {todo[0].threads} torch thread(s) each")

@@ -76,6 +76,10 @@ def run_options(args: argparse.Namespace) -> dict:
 def _batch(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    if not args.verbose:  # dask's own log lines (workers starting, closing) are not the user's business
+        for name in ("distributed", "tornado", "asyncio"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
     from .batch import DEFAULT_CHUNK_SIZE, DEFAULT_RETRIES, run_batch
 
     bar = None

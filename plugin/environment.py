@@ -23,7 +23,8 @@ from ..core.worker import REQUIRED_MODULES, one_line
 from .paths import PLUGIN_DIR
 
 # Used only when the plugin was installed without requirements.txt (the zip); tests keep it equal to the file.
-FALLBACK_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "safetensors>=0.4", "tqdm>=4.64"]
+FALLBACK_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "safetensors>=0.4", "tqdm>=4.64",
+                         "dask[distributed]>=2024.1"]
 GEOSPATIAL = ("numpy", "rasterio", "geopandas", "shapely", "pyproj", "scipy")
 
 

@@ -32,6 +32,7 @@ class ChangeScribeProvider(QgsProcessingProvider):
     def loadAlgorithms(self) -> None:  # noqa: N802
         # Only QGIS is imported here: torch and the models load when an algorithm runs, so the toolbox lists
         # the algorithms even where PyTorch is missing (running one then says how to install it).
+        from .batch_algorithm import DetectChangesBatchAlgorithm
         from .caption_regions_algorithm import CaptionRegionsAlgorithm
         from .detect_changes_algorithm import DetectChangesAlgorithm
         from .export_training_algorithm import ExportTrainingDataAlgorithm
@@ -41,3 +42,4 @@ class ChangeScribeProvider(QgsProcessingProvider):
         self.addAlgorithm(CaptionRegionsAlgorithm())
         self.addAlgorithm(ExportTrainingDataAlgorithm())  # changescribe:exporttrainingdata (annotations)
         self.addAlgorithm(ImportCheckpointAlgorithm())  # changescribe:importcheckpoint (published weights)
+        self.addAlgorithm(DetectChangesBatchAlgorithm())  # changescribe:detectchangesbatch (dask; many pairs)

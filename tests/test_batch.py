@@ -48,14 +48,14 @@ def crop(src: str, dst: Path, size: int = 256) -> str:
 
 
 def test_chunks_on_two_workers_equal_the_single_run_and_resume(tmp_path, sample):
-    """The sample pair cut into 2×2 chunks (384 px, tiles across the seams run in both chunks) on a LocalCluster of
+    """The sample pair (640²) cut into 2×2 chunks (512 px, tiles across the seams run in both chunks) on a LocalCluster of
     2 processes gives the regions of one whole run: same ids, geometry, areas, probabilities and captions."""
     before, after = sample
     single = run_request(DetectRequest(before=before, after=after, model=MODEL, output=str(tmp_path / "single.gpkg")))
     out = tmp_path / "batch.gpkg"
     seen: list[dict] = []
     result = run_batch([str(manifest(tmp_path / "pairs.csv", [("sample", before, after)]))], out, {"model": MODEL},
-                       workers=2, chunk_size=384, on_unit=lambda row, done, total: seen.append(row))
+                       workers=2, chunk_size=512, on_unit=lambda row, done, total: seen.append(row))
     assert result.output == out and not result.failed
     table = units(out)
     assert sorted(r["kind"] for r in table.values()) == ["chunk"] * 4 + ["regions"]
@@ -79,7 +79,7 @@ def test_chunks_on_two_workers_equal_the_single_run_and_resume(tmp_path, sample)
     assert list(got["caption_regions"]) == list(ref["caption_regions"])
     assert not list(work_folder(out).glob("*.tif"))  # the chunks went once their pair's regions were written
 
-    again = run_batch([str(tmp_path / "pairs.csv")], out, {"model": MODEL}, workers=2, chunk_size=384)
+    again = run_batch([str(tmp_path / "pairs.csv")], out, {"model": MODEL}, workers=2, chunk_size=512)
     assert all(r["resumed"] == 1 for r in units(out).values())  # nothing ran again
     assert again.regions == len(ref)
 
@@ -155,3 +155,27 @@ def test_without_dask_the_batch_says_how_to_install_it(tmp_path, sample):
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "needs dask.distributed" in proc.stderr and "pip install 'dask[distributed]'" in proc.stderr
     assert not (tmp_path / "o.gpkg").exists()
+
+
+def test_processing_algorithm_runs_the_batch_and_reports_bad_input(qgis_app, tmp_path, sample):
+    """`changescribe:detectchangesbatch` runs `changescribe batch` in this Python (a local cluster of one worker)."""
+    import processing
+    from qgis.core import QgsProcessingException, QgsVectorLayer
+
+    before, after = sample
+    pairs = manifest(tmp_path / "pairs.csv", [("small", crop(before, tmp_path / "b.tif"), crop(after, tmp_path / "a.tif"))])
+    out = tmp_path / "all.gpkg"
+    res = processing.run("changescribe:detectchangesbatch", {
+        "MANIFEST": str(pairs), "MODEL": MODEL, "CAPTIONS": False, "WORKERS": 1, "OUTPUT": str(out)})
+    layer = QgsVectorLayer(res["OUTPUT"], "regions", "ogr")
+    assert layer.isValid() and layer.featureCount() == res["REGION_COUNT"] > 0 and res["FAILED_UNITS"] == 0
+    assert "pair" in layer.fields().names()
+    assert [r["status"] for r in units(out).values()] == ["done"]
+    with pytest.raises(QgsProcessingException, match="give a manifest, or both a before and an after mosaic"):
+        processing.run("changescribe:detectchangesbatch", {"BEFORE_MOSAIC": before, "OUTPUT": str(tmp_path / "x.gpkg")})
+    with pytest.raises(QgsProcessingException, match="no after path"):
+        bad = tmp_path / "bad.csv"
+        bad.write_text(f"before\n{before}\n", encoding="utf-8")
+        processing.run("changescribe:detectchangesbatch", {"MANIFEST": str(bad), "MODEL": MODEL,
+                                                           "OUTPUT": str(tmp_path / "y.gpkg")})
+    assert not (tmp_path / "y.gpkg").exists() and not (tmp_path / "y.units").exists()
