@@ -51,6 +51,8 @@ def test_the_default_is_the_real_imagery_model_and_its_card_says_so():
     # 2-fold cross-validation on each dataset's crops: every crop is scored once by a model that did not see it
     assert {b["data"] for b in real} == {"real crops (LEVIR-CD), held out", "real crops (DSIFN), held out"}
     assert sum(b["pairs"] for b in real) == 8 and all("F1" in b and "Precision" in b for b in real)
+    # scored at the shipped file's own decision point: the calibrated model at 0.5 (training.calibration)
+    assert all(b["threshold"] == 0.5 for b in real) and card["calibration"]["original_threshold"] < 0.5
 
 
 @needs_data
