@@ -388,9 +388,10 @@ def _evidence(facts: RegionFacts) -> dict[str, float]:
         if (browner or brighter) and smoother and not vegetated_after:
             score[BARE_SOIL] = 0.55 if shape == "compact" else 0.5
     # removed or damaged buildings: a compact footprint whose roof gives way to ground (greener, or rubble with
-    # other edges): never a roof that appears over green ground
-    if shape != "linear" and not browner:
+    # other edges); less likely where green cover went (though a storm strips trees and houses together)
+    if shape != "linear":
         gone = 0.55 + (0.1 if greener and not vegetated_after else 0) + (0.05 if rougher or smoother else 0)
+        gone -= 0.2 if browner else 0.0
         score[BUILDING_REMOVED] = gone * (1.0 if shape == "compact" else 0.8)
     return score
 
@@ -427,7 +428,7 @@ def _why_not(kind: str, facts: RegionFacts) -> str:
         return "the region is a long thin strip"
     if p is None:
         return "the facts do not support it"
-    dg = f"{p.greenness_index} {p.greenness_before:+.2f} → {p.greenness_after:+.2f}"
+    dg = _greenness_words(p)
     if kind in (VEG_LOST, VEG_GAINED):
         if abs(p.d_greenness) < GREEN_STEP:
             return f"greenness did not change ({dg})"
@@ -437,6 +438,14 @@ def _why_not(kind: str, facts: RegionFacts) -> str:
     if kind == WATER:
         return "the region is neither dark nor smooth on either date"
     return "the facts do not support it"
+
+
+def _greenness_words(p: PixelFacts) -> str:
+    """The region's greenness change in numbers, for a flag: its own and, when any, that of its surroundings."""
+    around = (f" beyond the {p.background_greenness_change:+.2f} around it" if p.background_greenness_change
+              else "")
+    return (f"{p.greenness_index} {p.greenness_before:+.2f} → {p.greenness_after:+.2f}, a change of "
+            f"{p.d_greenness:+.2f}{around}")
 
 
 def _described(kind: str, facts: RegionFacts) -> str:
@@ -484,9 +493,7 @@ def ground_caption(caption: str, facts: RegionFacts) -> tuple[str, str]:
     elif _COMPACT_WORDS.search(low) and not _LINEAR_WORDS.search(low) and facts.shape == "linear":
         reason = "names a building on a long thin strip"
     elif _main_kind(low) == "vegetation" and facts.pixels is not None and abs(facts.pixels.d_greenness) < GREEN_STEP:
-        p = facts.pixels
-        reason = (f"names vegetation but greenness did not change ({p.greenness_index} {p.greenness_before:+.2f} → "
-                  f"{p.greenness_after:+.2f})")
+        reason = f"names vegetation but greenness did not change ({_greenness_words(facts.pixels)})"
     if is_no_change(low):
         return text, reason
     grounded = _POSITION.sub("", text).strip()
