@@ -45,6 +45,23 @@ def task_round_trip(tasks: int = 200) -> float:
         return (time.perf_counter() - t0) / tasks
 
 
+def halo_tiles(size: int, chunk: int, tile: int, overlap: int) -> tuple[int, int]:
+    """(tiles of a whole size² run, tiles its chunk units run together): the chunks' halo tiles run twice. The same
+    selection as :func:`changescribe.core.inference.predict_probability` (panels cut to the chunk, rows reaching it)."""
+    from changescribe.core.inference import BLOCK, PANEL_WIDTH
+    from changescribe.core.tiling import column_panels, tile_grid
+
+    def count(x0: int, y0: int, x1: int, y1: int) -> int:
+        panels = [p for p in (q.within(x0, x1) for q in column_panels(size, tile, overlap, PANEL_WIDTH, BLOCK)) if p]
+        return sum(len(row) for p in panels for row in tile_grid(size, size, tile, overlap, p)
+                   if row[0].row < y1 and row[0].row + row[0].height > y0)
+
+    whole = count(0, 0, size, size)
+    chunks = sum(count(c, r, min(c + chunk, size), min(r + chunk, size))
+                 for r in range(0, size, chunk) for c in range(0, size, chunk))
+    return whole, chunks
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", nargs=2, default=[str(REPO / "resources/sample/sample_before.tif"),
@@ -97,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
             "model_loads_per_worker": max(u["model_loads"] or 0 for u in result.units),
         })
         print(json.dumps(rows[-1]), flush=True)
+    for size in (16384,):
+        whole, chunked = halo_tiles(size, 4096, 256, 32)
+        print(json.dumps({"halo": {"pixels": f"{size}²", "chunk": 4096, "tile": 256, "overlap": 32, "whole_run_tiles": whole,
+                                   "chunk_tiles": chunked, "extra": round(chunked / whole - 1, 4)}}), flush=True)
     trip = task_round_trip()
     report = {"pair": [before, after], "pixels": pixels, "pair_bytes": pair_bytes, "model": args.model,
               "captions": args.captions, "cores": os.cpu_count(), "runs": rows,

@@ -298,6 +298,7 @@ def run_unit(unit: Unit, *chunks: dict) -> dict:
     if torch.get_num_threads() != unit.threads:
         torch.set_num_threads(unit.threads)
     request = DetectRequest.from_json(unit.request)
+    request = dataclasses.replace(request, device=worker_device(request.device))
     record: dict[str, Any] = {"unit": unit.unit_id, "key": unit.key, "attempts": _attempt(unit),
                               "worker": f"{socket.gethostname()}:{os.getpid()}"}
     bad = [c for c in chunks if c.get("status") != "done"]
@@ -329,6 +330,26 @@ def run_unit(unit: Unit, *chunks: dict) -> dict:
     _write_json(unit.record, record)
     unit.record.with_suffix(".attempts").unlink(missing_ok=True)
     return record
+
+
+def worker_device(device: str) -> str:
+    """The device this worker runs ``device`` on: on a machine with several GPUs, ``auto`` / ``cuda`` of LocalCluster
+    worker *i* is GPU *i* mod their number (else every worker would share the first); anything else as given."""
+    if device not in ("auto", "cuda"):
+        return device
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count < 2:
+        return device
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):  # not in a dask worker
+        return device
+    index = name if isinstance(name, int) else int(hashlib.sha256(str(name).encode()).hexdigest(), 16)
+    return f"cuda:{index % count}"
 
 
 def attempts(unit: Unit) -> int:
