@@ -55,22 +55,26 @@ def _resize(arr: np.ndarray, size: int) -> torch.Tensor:
 
 def caption_windows(pair: AlignedPair, model: ChangeModel, windows: list[Window], beam_size: int = 1,
                     control: RunControl | None = None, batch: int = 16) -> list[str]:
-    """One caption per window of the pair's grid, batched (a batch is halved on CUDA out-of-memory)."""
+    """One caption per window of the pair's grid, batched (a batch is halved on CUDA out-of-memory). Equal windows
+    are read and captioned once: in a scene no wider than a model footprint, every region's crop is the whole scene."""
     control = control or RunControl()
     size = model.input_spec.tile_size
-    out: list[str] = []
-    for i in range(0, len(windows), batch):
+    keys = [(w.col_off, w.row_off, w.width, w.height) for w in windows]
+    unique = list(dict.fromkeys(keys))
+    out: dict[tuple, str] = {}
+    for i in range(0, len(unique), batch):
         control.check()
+        part = unique[i:i + batch]
         befores, afters = [], []
-        for w in windows[i:i + batch]:
-            b, a, _ = pair.read(w)
+        for key in part:
+            b, a, _ = pair.read(Window(*key))
             befores.append(_resize(b, size))
             afters.append(_resize(a, size))
-        out += halving_on_oom(lambda b, a: model.caption(b, a, beam_size=beam_size), _concat,
-                              torch.stack(befores).to(model.device), torch.stack(afters).to(model.device),
-                              what="caption")
-        control.progress(min(1.0, (i + batch) / len(windows)), "captioning")
-    return out
+        out.update(zip(part, halving_on_oom(lambda b, a: model.caption(b, a, beam_size=beam_size), _concat,
+                                            torch.stack(befores).to(model.device),
+                                            torch.stack(afters).to(model.device), what="caption")))
+        control.progress(min(1.0, (i + batch) / len(unique)), "captioning")
+    return [out[k] for k in keys]
 
 
 def _concat(parts: list[list[str]]) -> list[str]:

@@ -136,3 +136,35 @@ def test_decoding_runs_on_one_cpu_thread_and_gives_the_same_words(model, sample)
         for beam in (1, 3):
             ids = dec.greedy(memory) if beam == 1 else dec.beam_search(memory, beam_size=beam)
             assert model.vocabulary.decode_batch(ids) == captions[beam]
+
+
+def test_equal_caption_windows_are_read_and_captioned_once(model, sample):
+    """A scene no wider than a model footprint gives every region the same crop: it is encoded once."""
+    from rasterio.windows import Window
+
+    from changescribe.core.captioning import caption_windows
+    from changescribe.core.model_api import ChangeModel
+    from changescribe.core.raster_pair import AlignedPair
+
+    class Counting(ChangeModel):
+        """The real model, counting the pairs it is asked to caption."""
+
+        def __init__(self, inner):
+            self.inner, self.pairs, self.input_spec, self.name = inner, 0, inner.input_spec, inner.name
+
+        can_caption = True
+
+        def change_probability(self, before, after):
+            return self.inner.change_probability(before, after)
+
+        def caption(self, before, after, beam_size=1, max_length=None):
+            self.pairs += before.shape[0]
+            return self.inner.caption(before, after, beam_size, max_length)
+
+    counting = Counting(model)
+    a, b = Window(0, 0, 256, 256), Window(256, 256, 256, 256)
+    with AlignedPair(*sample) as pair:
+        got = caption_windows(pair, counting, [a, a, b, a, b])
+        assert counting.pairs == 2
+        one_by_one = [caption_windows(pair, model, [w])[0] for w in (a, b)]
+    assert got == [one_by_one[0], one_by_one[0], one_by_one[1], one_by_one[0], one_by_one[1]]
