@@ -40,8 +40,9 @@ log = logging.getLogger(__name__)
 OPSET = 17
 GRAPH_FORMAT = 1  # bump when what the graphs compute changes: older cached files are then never used
 CACHE_ENV = "CHANGESCRIBE_CACHE_DIR"
-# A run with fewer tiles does not export a graph that is not cached yet (exporting costs about what ONNX Runtime
-# saves on this many tiles of a small model); it runs on PyTorch.
+# A graph that is not cached yet is exported once this process has run this many tiles of the model at that tile
+# size (this run's included): exporting costs about what ONNX Runtime saves on that many tiles of a small model, so
+# a single small run stays on PyTorch, while a dock or a batch worker running many small pairs soon exports it.
 EXPORT_MIN_TILES = 16
 
 
@@ -295,6 +296,7 @@ def onnxruntime_available() -> bool:
 
 
 _LOADED: dict[tuple, OnnxChangeModel] = {}  # one model's sessions per process (dock, worker: many runs)
+_TILES_SEEN: dict[tuple, int] = {}  # tiles run per (model digest, tile size, cache folder) in this process
 
 
 def graph_path(model: TorchChangeModel, kind: str, tile_size: int, folder: Path | None = None,
@@ -311,8 +313,9 @@ def cpu_runtime(model: ChangeModel, tile_size: int, notify: Callable[[str], None
 
     The graphs in ``need`` are exported (or taken from the cache) now, so a model the exporter cannot handle stays
     on PyTorch from the start, said through ``notify``; other graphs are exported when first used. A graph not yet
-    cached is exported only for a run of at least :data:`EXPORT_MIN_TILES` ``tiles`` (None: any run): exporting
-    costs about as much CPU time as PyTorch loses on that many tiles, and the next run finds it cached."""
+    cached is exported only once this process's runs of the model at this tile size reach :data:`EXPORT_MIN_TILES`
+    tiles, counting this run's ``tiles`` (None: at once): exporting costs about as much CPU time as PyTorch loses on
+    that many tiles, and later runs find it cached."""
     if not isinstance(model, TorchChangeModel) or model.device.type != "cpu" or not onnxruntime_available():
         return model
     if not need or (not model.can_detect and not _shared_decoder(model)):
@@ -321,7 +324,9 @@ def cpu_runtime(model: ChangeModel, tile_size: int, notify: Callable[[str], None
     try:
         digest = model_digest(model)
         key = (digest, int(tile_size), threads, str(folder), id(model.module))
-        if key not in _LOADED and tiles is not None and tiles < EXPORT_MIN_TILES and \
+        seen = (digest, int(tile_size), str(folder))
+        _TILES_SEEN[seen] = _TILES_SEEN.get(seen, 0) + (tiles or 0)
+        if key not in _LOADED and tiles is not None and _TILES_SEEN[seen] < EXPORT_MIN_TILES and \
                 not all(graph_path(model, kind, tile_size, folder, digest).is_file() for kind in need):
             return model
         if key not in _LOADED:
