@@ -142,7 +142,7 @@ def read_manifest(sources: list[str], areas: str | None = None) -> list[PairSpec
 
 def _resolve(manifest: Path, value: Any) -> str:
     p = Path(str(value).strip())
-    return str(p if p.is_absolute() else (manifest.parent / p))
+    return os.path.abspath(p if p.is_absolute() else manifest.parent / p)  # workers may run elsewhere
 
 
 def _csv_rows(path: Path) -> list[tuple[dict, Area | None]]:
@@ -185,6 +185,7 @@ def _area(geometry, crs_wkt: str) -> Area | None:
 
 
 def _mosaic_pairs(before: str, after: str, areas: str | None) -> list[PairSpec]:
+    before, after = os.path.abspath(before), os.path.abspath(after)
     if areas is None:
         return [PairSpec(Path(before).stem, before, after)]
     pairs = []
@@ -434,8 +435,10 @@ def run_batch(sources: list[str], output: str | os.PathLike, options: dict[str, 
     n_workers = workers or cores
     threads = max(1, cores // n_workers) if scheduler is None else 1
     units = plan_units(pairs, options, work, chunk_size, threads)
-    work.mkdir(parents=True, exist_ok=True)
-    _write_json(work / WORK_MARK, {"manifest": [str(Path(s).resolve()) for s in sources], "output": str(out)})
+
+    def make_work_folder() -> None:  # once the cluster answers: a batch that cannot start leaves nothing behind
+        work.mkdir(parents=True, exist_ok=True)
+        _write_json(work / WORK_MARK, {"manifest": [str(Path(s).resolve()) for s in sources], "output": str(out)})
 
     rows: dict[str, dict] = {}
     done_pairs = {u.pair for u in units if u.kind in ("pair", "regions") and finished(u)}
@@ -450,7 +453,7 @@ def run_batch(sources: list[str], output: str | os.PathLike, options: dict[str, 
         f"{len(todo)} to run")
     if todo:
         _run_units(todo, rows, Client, LocalCluster, as_completed, scheduler, n_workers, retries, on_unit,
-                   len(units) - len(todo), len(units), say)
+                   len(units) - len(todo), len(units), say, make_work_folder)
     for u in units:  # a pair's regions are in its GeoPackage: its chunks are no longer needed
         if u.kind == "regions" and rows[u.unit_id]["status"] == "done":
             for path in (*u.inputs, str(Path(u.output).with_suffix(".vrt"))):
@@ -477,7 +480,8 @@ def _check_work_folder(work: Path, inputs: Iterable[str | None]) -> None:
 
 
 def _run_units(todo: list[Unit], rows: dict[str, dict], Client, LocalCluster, as_completed, scheduler: str | None,
-               n_workers: int, retries: int, on_unit, done: int, total: int, say: Callable[[str], None]) -> None:
+               n_workers: int, retries: int, on_unit, done: int, total: int, say: Callable[[str], None],
+               on_connected: Callable[[], None]) -> None:
     """Submit the units (a regions unit after its chunks), then record each as it completes."""
     if scheduler is not None:
         cluster, address = None, scheduler
@@ -490,10 +494,11 @@ def _run_units(todo: list[Unit], rows: dict[str, dict], Client, LocalCluster, as
         say(f"LocalCluster: {n_workers} worker processes, {todo[0].threads} torch thread(s) each")
     try:
         try:
-            client = Client(address, timeout="30s")
+            client = Client(address, timeout="20s")
         except (OSError, TimeoutError) as exc:
             raise InputError(f"cannot reach the dask scheduler at {scheduler}: {exc}") from None
         with client:
+            on_connected()
             futures, by_key = {}, {}
             for u in todo:
                 deps = [futures[i] for i in _chunk_ids(u, todo)] if u.kind == "regions" else []

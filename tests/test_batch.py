@@ -16,6 +16,8 @@ from pathlib import Path
 
 import geopandas as gpd
 import pytest
+import rasterio
+from shapely.geometry import box
 
 pytest.importorskip("distributed")
 
@@ -179,3 +181,42 @@ def test_processing_algorithm_runs_the_batch_and_reports_bad_input(qgis_app, tmp
         processing.run("changescribe:detectchangesbatch", {"MANIFEST": str(bad), "MODEL": MODEL,
                                                            "OUTPUT": str(tmp_path / "y.gpkg")})
     assert not (tmp_path / "y.gpkg").exists() and not (tmp_path / "y.units").exists()
+
+
+def test_an_existing_cluster_runs_the_units_and_an_unreachable_one_is_one_line(tmp_path, sample, capsys):
+    """`--scheduler ADDRESS`: the units run on that cluster's workers (here a LocalCluster the test starts): a
+    manifest, then two mosaics with a layer of areas."""
+    from dask.distributed import LocalCluster
+
+    before, after = sample
+    pairs = manifest(tmp_path / "pairs.csv", [("small", crop(before, tmp_path / "b.tif"), crop(after, tmp_path / "a.tif"))])
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        result = run_batch([str(pairs)], tmp_path / "out.gpkg", {"model": MODEL, "captions": False},
+                           scheduler=cluster.scheduler_address)
+        assert not result.failed and result.regions > 0
+        assert [r["status"] for r in units(tmp_path / "out.gpkg").values()] == ["done"]
+
+        # two mosaics (VRTs) and a layer of areas: one pair per polygon, each limited to it
+        vrts = []
+        for src in (before, after):
+            vrts.append(str(tmp_path / (Path(src).stem + ".vrt")))
+            subprocess.run(["gdalbuildvrt", "-q", vrts[-1], src], check=True)
+        with rasterio.open(before) as ds:
+            left, bottom, right, top = ds.bounds
+        mid = (left + right) / 2
+        areas = gpd.GeoDataFrame({"name": ["west", "east"]}, crs="EPSG:32633",
+                                 geometry=[box(left, bottom, mid, top), box(mid, bottom, right, top)])
+        areas.to_file(tmp_path / "areas.gpkg", driver="GPKG")
+        halves = run_batch(vrts, tmp_path / "halves.gpkg", {"model": MODEL, "captions": False},
+                           areas=str(tmp_path / "areas.gpkg"), scheduler=cluster.scheduler_address)
+    assert not halves.failed and {r["pair"] for r in halves.units} == {"west", "east"}
+    found = gpd.read_file(tmp_path / "halves.gpkg", layer="change_regions")
+    assert len(found) > 0 and set(found["pair"]) <= {"west", "east"}
+    west = found[found["pair"] == "west"]
+    assert (west.geometry.bounds["maxx"] <= mid + 1e-6).all()  # each pair stays inside its polygon
+
+    code = main(["batch", str(pairs), "-o", str(tmp_path / "other.gpkg"), "--model", MODEL, "-q",
+                 "--scheduler", "tcp://127.0.0.1:9"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "cannot reach the dask scheduler at tcp://127.0.0.1:9" in err[0], err
+    assert not (tmp_path / "other.gpkg").exists() and not (tmp_path / "other.units").exists()
