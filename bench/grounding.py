@@ -113,7 +113,6 @@ def pipeline(seeds: range, size: int = 512, model_name: str = "pix4cap-synthetic
     """The whole pipeline on generated scenes: each region matched to the true change it overlaps most; its type
     (facts + the decoder's words) against the true type, and position words against the true change's centroid:
     the region's grounded position, and the decoder's own position phrase (which describes its crop)."""
-    import geopandas as gpd
     from shapely.geometry import Polygon
     from shapely.ops import unary_union
 
