@@ -35,6 +35,7 @@ def _check_fields(rows: list[dict]) -> None:
         assert "corner" not in row["model_caption"] or row["position"] in row["model_caption"]
 
 
+@pytest.mark.timeout(2400)
 def test_cli_run_writes_facts_type_captions_and_flags(tmp_path, pair):
     out = tmp_path / "cli.gpkg"
     done = subprocess.run([sys.executable, "-m", "changescribe", "detect", str(pair.before), str(pair.after),
@@ -59,6 +60,7 @@ def test_cli_run_writes_facts_type_captions_and_flags(tmp_path, pair):
     assert biggest.split()[0] in scene or "other change" in scene
 
 
+@pytest.mark.timeout(2400)  # one 192² tile, but a loaded 2-core machine can take minutes
 def test_processing_output_has_the_fields_and_counts_flags(qgis_app, tmp_path, pair):
     import processing
     from qgis.core import QgsVectorLayer
