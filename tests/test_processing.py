@@ -283,7 +283,7 @@ def test_algorithms_document_every_parameter(qgis_app):
     registry = QgsApplication.processingRegistry()
     algs = {a.id() for a in registry.providerById("changescribe").algorithms()}
     assert algs == {"changescribe:detectchanges", "changescribe:captionregions", "changescribe:exporttrainingdata",
-                    "changescribe:importcheckpoint"}
+                    "changescribe:importcheckpoint", "changescribe:detectchangesbatch"}
     for alg_id in algs:
         alg = registry.algorithmById(alg_id)
         assert len(alg.shortHelpString()) > 100
@@ -468,7 +468,7 @@ NO_TORCH = """
 import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] == 'torch':
+        if name.split('.')[0] in ('torch', 'dask', 'distributed'):
             raise ImportError(f'No module named {name!r}', name=name)
 sys.meta_path.insert(0, Block())
 from qgis.core import QgsApplication, QgsProcessingException
@@ -489,7 +489,7 @@ for alg in ('changescribe:detectchanges', 'changescribe:captionregions'):
                              'OUTPUT': sys.argv[4]})
     except QgsProcessingException as exc:
         print('ERROR', alg, str(exc).replace(chr(10), ' '))
-print('TORCH LOADED', 'torch' in sys.modules)
+print('TORCH LOADED', 'torch' in sys.modules, 'DASK LOADED', 'dask' in sys.modules)
 """
 
 
@@ -503,12 +503,13 @@ def test_without_torch_the_toolbox_loads_and_says_how_to_install(tmp_path, pairs
     proc = subprocess.run([sys.executable, "-c", NO_TORCH, str(pairs[0].before), str(pairs[0].after), str(regions),
                            str(tmp_path / "out.gpkg")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ALGS ['changescribe:captionregions', 'changescribe:detectchanges', 'changescribe:exporttrainingdata']" in proc.stdout
+    assert ("ALGS ['changescribe:captionregions', 'changescribe:detectchanges', 'changescribe:detectchangesbatch', "
+            "'changescribe:exporttrainingdata', 'changescribe:importcheckpoint']") in proc.stdout
     errors = [line for line in proc.stdout.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 2, proc.stdout
     for line in errors:
         assert "cannot import 'torch'" in line and "pip install" in line and "torch==2.14.1" in line
-    assert "TORCH LOADED False" in proc.stdout
+    assert "TORCH LOADED False DASK LOADED False" in proc.stdout  # the toolbox loads without torch and dask
     assert not (tmp_path / "out.gpkg").exists()
 
 
