@@ -230,8 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the dataset the checkpoint was trained on (sets GSD and reported metrics; default: the "
                         "family's first: " + ", ".join(f"{f.name}: {'/'.join(f.datasets)}" for f in FAMILIES.values())
                         + ")")
-    i.add_argument("--folder", default=None, help=f"where to write NAME.json + NAME.safetensors (default: the first "
-                                                  f"folder of $CHANGESCRIBE_MODEL_PATH, else the current folder); an "
+    i.add_argument("--folder", default=None, help="where to write NAME.json + NAME.safetensors (default: the first "
+                                                  "folder of $CHANGESCRIBE_MODEL_PATH, else the current folder); an "
                                                   "existing model file is never replaced")
 
     c = sub.add_parser("clean", help="remove temporary files left by crashed runs (only ChangeScribe's, only of "
