@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             "wall_s": round(wall, 1), "pairs_per_s": round(len(unit_s) / wall, 3),
             "mpx_per_s": round(len(unit_s) * pixels / wall / 1e6, 3),
             "unit_s_median": round(statistics.median(unit_s), 2),
+            "unit_cpu_s_median": round(statistics.median(u["cpu_seconds"] for u in result.units), 2),
             "worker_mpx_per_s": round(statistics.median(pixels / s for s in unit_s) / 1e6, 3),
             "worker_read_mb_per_s": round(statistics.median(pair_bytes / s for s in unit_s) / 1e6, 2),
             # wall time not spent inside a unit by the busiest worker: cluster start, scheduling, assembly

@@ -55,7 +55,7 @@ DASK_MISSING = ("`changescribe batch` needs dask.distributed, which this Python 
                 "python -m pip install 'dask[distributed]'")
 UNIT_COLUMNS = {"unit": "TEXT", "pair": "TEXT", "kind": "TEXT", "before": "TEXT", "after": "TEXT",
                 "window": "TEXT", "status": "TEXT", "error": "TEXT", "resumed": "INTEGER", "attempts": "INTEGER",
-                "seconds": "REAL", "tiles": "INTEGER", "regions": "INTEGER", "worker": "TEXT",
+                "seconds": "REAL", "cpu_seconds": "REAL", "tiles": "INTEGER", "regions": "INTEGER", "worker": "TEXT",
                 "peak_rss_mb": "REAL", "model_loads": "INTEGER"}
 
 
@@ -293,7 +293,7 @@ def cached_model(name: str, device: str):
 def run_unit(unit: Unit, *chunks: dict) -> dict:
     """Run one unit in a worker; returns its record (also written beside its output). A ChangeScribe error comes
     back as a failed record (running it again would fail again); anything else raises, and dask retries it."""
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     import torch
 
     if torch.get_num_threads() != unit.threads:
@@ -326,7 +326,8 @@ def run_unit(unit: Unit, *chunks: dict) -> dict:
         return {**record, "status": "failed", "error": str(exc)}
     finally:
         gc.collect()
-    record.update(status="done", seconds=round(time.perf_counter() - started, 3), peak_rss_mb=_peak_rss_mb(),
+    record.update(status="done", seconds=round(time.perf_counter() - started, 3),
+                  cpu_seconds=round(time.process_time() - cpu, 3), peak_rss_mb=_peak_rss_mb(),
                   model_loads=_loads)
     _write_json(unit.record, record)
     unit.record.with_suffix(".attempts").unlink(missing_ok=True)
@@ -537,7 +538,7 @@ def _row(u: Unit, record: dict, resumed: bool) -> dict:
     return {"unit": u.unit_id, "pair": u.pair, "kind": u.kind, "before": req["before"], "after": req["after"],
             "window": json.dumps(u.window) if u.window else None, "status": record.get("status", "failed"),
             "error": record.get("error"), "resumed": int(resumed), "attempts": record.get("attempts", 1),
-            "seconds": record.get("seconds"), "tiles": record.get("tiles"), "regions": record.get("regions"),
+            "seconds": record.get("seconds"), "cpu_seconds": record.get("cpu_seconds"), "tiles": record.get("tiles"), "regions": record.get("regions"),
             "worker": record.get("worker"), "peak_rss_mb": record.get("peak_rss_mb"),
             "model_loads": record.get("model_loads")}
 
