@@ -24,7 +24,7 @@ from .paths import PLUGIN_DIR
 
 # Used only when the plugin was installed without requirements.txt (the zip); tests keep it equal to the file.
 FALLBACK_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "safetensors>=0.4", "tqdm>=4.64",
-                         "dask[distributed]>=2024.1"]
+                         "dask[distributed]>=2024.1", "onnx>=1.16", "onnxruntime>=1.18"]
 GEOSPATIAL = ("numpy", "rasterio", "geopandas", "shapely", "pyproj", "scipy")
 
 
