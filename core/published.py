@@ -72,8 +72,12 @@ BIT = Family(
     mean=(127.5, 127.5, 127.5), std=(127.5, 127.5, 127.5), tile_size=256,
     datasets={"LEVIR-CD": DatasetFacts(
         name="LEVIR-CD", gsd=0.5,
-        metrics={"F1": 0.8931, "IoU": 0.8068, "OA": 0.9892, "precision": 0.8924, "recall": 0.8937},
-        split="LEVIR-CD test split, 256 px crops (as reported in the BIT paper)",
+        # BIT_CD's README gives no numbers; these are the BIT paper's LEVIR-CD row as other papers' comparison
+        # tables cite it (P/R/F1 89.24/89.37/89.31, e.g. LUORioet/SCDF-Net's README; IoU 80.68, which is also
+        # F1/(2-F1)). Its OA (98.92 in our earlier note) was found in no source, so it is left out.
+        metrics={"F1": 0.8931, "IoU": 0.8068, "precision": 0.8924, "recall": 0.8937},
+        split="LEVIR-CD test split, 256 px crops (reported in the BIT paper; P/R/F1/IoU as cited by later papers' "
+              "comparison tables, the BIT_CD README gives none)",
         checkpoint="checkpoints/BIT_LEVIR/best_ckpt.pt: Google Drive "
                    "https://drive.google.com/file/d/1IVdF5a3e1_7DiSndtMkhpZuCSgDLLFcg or Baidu (code 2lyz), "
                    "linked from the BIT_CD README")},
