@@ -79,7 +79,7 @@ def test_inference_and_captioning_halve_their_batches(tmp_path, pair):
     assert model.batches[:3] == [4, 2, 2]  # the first batch ran in halves; later ones whole
     assert len(result.regions) == len(plain.regions) >= 2
     assert max(model.caption_batches) > 1 and 1 in model.caption_batches  # batches were split down to one
-    captions = result.regions.read()["caption"]
+    captions = result.regions.read()["model_caption"]  # the decoder's own sentence (caption is the grounded one)
     assert all(c.startswith("change seen") for c in captions)
 
 
