@@ -11,7 +11,19 @@ the peer's checkpoint that the offline tests (tests/test_published.py) rebuild c
     pip install --target /tmp/peerdeps einops            # the peer's one extra dependency
     PYTHONPATH=/tmp/peerdeps .venv/bin/python bench/import_equivalence.py bit /tmp/BIT_CD
 
-Shims (here, never in the project): BIT_CD imports ``torchvision.models.utils.load_state_dict_from_url`` (gone
+For ``rsiccformer`` it builds RSICC's three modules (resnet101, MCCFormers_diff_as_Q, trans) with random weights,
+saves them the way RSICC's trainer does (the modules and their Adam optimisers pickled whole, plus a
+``WORDMAP_*.json`` over LEVIR-CC's words in RSICC's layout), imports that, and compares the encoder features (float32
+and float64) and the greedy captions (RSICC's caption.py with --beam_size 1) on RSICC's example pair and random pairs:
+
+    mkdir /tmp/RSICC && for f in models.py models_RSICCformerDfusion.py Example/A/train_000016.png \
+        Example/B/train_000016.png; do mkdir -p /tmp/RSICC/$(dirname $f); \
+        git -C /work/.mirror/Chen-Yang-Liu+RSICC/repo show HEAD:$f > /tmp/RSICC/$f; done
+    .venv/bin/python bench/import_equivalence.py rsiccformer /tmp/RSICC --commit d1505e51... [--manifest]
+
+Shims (here, never in the project): RSICC's CNN_Encoder asks torchvision for ImageNet weights, so the ResNet-101 is
+built without them; newer torch passes ``tgt_is_causal`` to decoder layers, which RSICC's layer does not take, so
+its layers are called one by one as nn.TransformerDecoder does. BIT_CD imports ``torchvision.models.utils.load_state_dict_from_url`` (gone
 from torchvision) to download ImageNet weights; a stand-in module returns a randomly initialised ResNet's state
 dict instead, so nothing is downloaded and every weight is random anyway.
 """
@@ -48,6 +60,8 @@ def _randomise(net: torch.nn.Module, seed: int) -> None:
                 t.copy_(0.1 * r)
             elif t.dim() == 1:  # norm weights
                 t.copy_(1.0 + 0.1 * r)
+            elif name.endswith("position_encoding.pe"):  # RSICC's fixed sinusoidal table stays as built
+                continue
             elif "pos_embedding" in name:
                 t.copy_(r)
             else:
@@ -86,13 +100,15 @@ def _save_bit_checkpoint(net: torch.nn.Module, path: Path) -> None:
                 "optimizer_G_state_dict": opt.state_dict(), "exp_lr_scheduler_G_state_dict": sched.state_dict()}, path)
 
 
-def _pairs(peer: Path, n_samples: int | None, n_random: int, seed: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """The peer's sample pairs (real LEVIR-CD crops) and random 0..255 pairs, as (name, HxWx3, HxWx3) uint8."""
+def _pairs(peer: Path, n_samples: int | None, n_random: int, seed: int,
+           folder: str = "samples") -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """The peer's sample pairs (``folder``/A and /B: real LEVIR-CD / LEVIR-CC crops) and random 0..255 pairs, as
+    (name, HxWx3, HxWx3) uint8."""
     from PIL import Image
 
     pairs = []
-    for a in sorted((peer / "samples" / "A").glob("*.png"))[:n_samples]:
-        b = peer / "samples" / "B" / a.name
+    for a in sorted((peer / folder / "A").glob("*.png"))[:n_samples]:
+        b = peer / folder / "B" / a.name
         if b.is_file():
             ia, ib = np.asarray(Image.open(a).convert("RGB")), np.asarray(Image.open(b).convert("RGB"))
             if ia.shape == ib.shape:  # one sample pair (test_113_0256) is 768x384 beside 768x383: not a pair
@@ -168,6 +184,139 @@ def run_bit(args: argparse.Namespace) -> dict:
     return results
 
 
+def _peer_rsicc(peer: Path, vocab_size: int) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+    """RSICC's three modules as its train.py builds them (resnet101, MCCFormers_diff_as_Q, trans), on the CPU.
+
+    Shim: its CNN_Encoder asks torchvision for ImageNet weights (``pretrained=True``); here the ResNet-101 is built
+    without them (nothing is downloaded; every weight is randomised anyway)."""
+    import torchvision
+
+    plain = torchvision.models.resnet101
+    torchvision.models.resnet101 = lambda pretrained=False, **_: plain(weights=None)
+    sys.path.insert(0, str(peer))
+    from models import CNN_Encoder  # the peer's own code
+    from models_RSICCformerDfusion import DecoderTransformer, MCCFormers_diff_as_Q
+
+    enc = CNN_Encoder(NetType="resnet101", method="trans")
+    feat = MCCFormers_diff_as_Q(feature_dim=1024, dropout=0.5, h=14, w=14, d_model=512, n_head=8, n_layers=3)
+    dec = DecoderTransformer(feature_dim=1024, vocab_size=vocab_size, n_head=8, n_layers=1, dropout=0.5)
+    return enc.eval(), feat.eval(), dec.eval()
+
+
+def _rsicc_word_map(captions: Path) -> dict[str, int]:
+    """A word map in RSICC's layout (<pad> 0, the words, then <unk>, <start>, <end>) over LEVIR-CC's words."""
+    from changescribe.core.vocabulary import SPECIALS, Vocabulary
+
+    words = [w for w in Vocabulary.from_levircc(captions).itos if w not in SPECIALS]
+    word_map = {"<pad>": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    for special in ("<unk>", "<start>", "<end>"):
+        word_map[special] = len(word_map)
+    return word_map
+
+
+def _peer_greedy(dec: torch.nn.Module, memory: torch.Tensor, word_map: dict[str, int]) -> list[str]:
+    """RSICC's caption.py with --beam_size 1, for one pair: the whole 52-token buffer through the peer decoder
+    under its causal mask at every step, the most likely word at the newest position, until <end> or 51 words."""
+    rev = {v: k for k, v in word_map.items()}
+    length = 52
+    mask = torch.full((length, length), float("-inf")).triu(1)
+    tgt = torch.zeros(length, 1, dtype=torch.long)
+    tgt[0, 0] = word_map["<start>"]
+    words: list[str] = []
+    for step in range(1, length):
+        x = dec.position_encoding(dec.vocab_embedding(tgt))
+        for layer in dec.transformer.layers:  # nn.TransformerDecoder (no final norm), whose newer versions pass
+            x = layer(x, memory, tgt_mask=mask)  # tgt_is_causal, which RSICC's layer does not take
+        logits = dec.wdc(x)[step - 1, 0]
+        word = int(logits.argmax())
+        if word == word_map["<end>"]:
+            break
+        words.append(rev[word])
+        tgt[step, 0] = word
+    return [w for w in words if w not in ("<start>", "<pad>")]
+
+
+def run_rsiccformer(args: argparse.Namespace) -> dict:
+    from changescribe.core.cli import main as cli_main
+    from changescribe.core.checkpoints import load_torch_file
+    from changescribe.core.model_api import normalise
+    from changescribe.core.model_loading import load_model_file
+
+    torch.manual_seed(args.seed)
+    word_map = _rsicc_word_map(Path(args.captions))
+    enc, feat, dec = _peer_rsicc(Path(args.peer), len(word_map))
+    for i, net in enumerate((enc, feat, dec)):
+        _randomise(net, args.seed + i)
+    results = {"family": "rsiccformer", "peer_commit": args.commit or _commit(Path(args.peer)),
+               "vocabulary": len(word_map)}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "BEST_checkpoint_resnet101_MCCFormers_diff_as_Q_trans.pth.tar"
+        opts = [torch.optim.Adam(n.parameters(), lr=1e-4) for n in (enc, feat, dec)]
+        torch.save({"epoch": 30, "epochs_since_improvement": 0, "bleu-4": 0.6, "encoder_image": enc,
+                    "encoder_feat": feat, "decoder": dec, "encoder_image_optimizer": opts[0],
+                    "encoder_feat_optimizer": opts[1], "decoder_optimizer": opts[2]}, ckpt)  # RSICC's save_checkpoint
+        words = Path(tmp) / "WORDMAP_LEVIR_CC_5_cap_per_img_5_min_word_freq.json"
+        words.write_text(json.dumps(word_map))
+        if args.manifest:
+            saved = load_torch_file(ckpt, modules=True)
+            manifest = {"family": "rsiccformer", "repository": "https://github.com/Chen-Yang-Liu/RSICC",
+                        "commit": results["peer_commit"], "variant": "resnet101_MCCFormers_diff_as_Q_trans",
+                        "container": sorted(saved), "parts": list(("encoder_image", "encoder_feat", "decoder")),
+                        "vocabulary": len(word_map),
+                        "keys": [[f"{part}.{k}", list(v.shape), str(v.dtype).removeprefix("torch.")]
+                                 for part in ("encoder_image", "encoder_feat", "decoder")
+                                 for k, v in saved[part].items()]}
+            MANIFESTS.mkdir(parents=True, exist_ok=True)
+            out = MANIFESTS / "rsiccformer_resnet101_MCCFormers_diff_as_Q_trans.json"
+            out.write_text(_manifest_text(manifest))
+            results["manifest"] = str(out.relative_to(REPO))
+        code = cli_main(["models", "import", str(ckpt), "--from", "rsiccformer", "--folder", tmp, "--name",
+                         "rsicc-test"])
+        if code:
+            raise SystemExit(f"import failed with exit code {code}")
+        card = json.loads((Path(tmp) / "rsicc-test.json").read_text())
+        card.pop("pair_with", None)  # compare the captioner alone (its detector is not imported here)
+        (Path(tmp) / "rsicc-test.json").write_text(json.dumps(card))
+        model = load_model_file(Path(tmp) / "rsicc-test.json")
+        worst, same_all, n = 0.0, True, 0
+        for name, a, b in _pairs(Path(args.peer), None, args.random_pairs, args.seed, "Example"):
+            ta = torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float()
+            tb = torch.from_numpy(b.copy()).permute(2, 0, 1)[None].float()
+            with torch.no_grad():  # the peer's input: /255 then ImageNet Normalize (caption.py)
+                mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+                std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+                memory = feat(enc((ta / 255 - mean) / std), enc((tb / 255 - mean) / std))  # (196, 1, 1024)
+                peer_words = _peer_greedy(dec, memory, word_map)
+                ours = model.module.encode(normalise(ta, model.input_spec),
+                                           normalise(tb, model.input_spec)).tokens
+            diff = float((memory.permute(1, 0, 2) - ours).abs().max())
+            caption = model.caption(ta, tb, beam_size=1)[0]
+            same = caption.split() == peer_words
+            worst, same_all, n = max(worst, diff), same_all and same, n + 1
+            print(f"{name:24s} max |feat_peer - feat_ours| = {diff:.2e}  captions equal: {same}  "
+                  f"peer: {' '.join(peer_words)[:60]!r}")
+        # the same encoder features in float64: what remains of the float32 difference is rounding, not the ops
+        worst64 = 0.0
+        enc.double(), feat.double(), model.module.double()
+        for name, a, b in _pairs(Path(args.peer), None, args.random_pairs, args.seed, "Example"):
+            ta = torch.from_numpy(a.copy()).permute(2, 0, 1)[None].double()
+            tb = torch.from_numpy(b.copy()).permute(2, 0, 1)[None].double()
+            with torch.no_grad():
+                mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64)[:, None, None]
+                std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64)[:, None, None]
+                memory = feat(enc((ta / 255 - mean) / std), enc((tb / 255 - mean) / std))
+                spec = model.input_spec
+                m64 = torch.tensor(spec.mean, dtype=torch.float64)[:, None, None]
+                s64 = torch.tensor(spec.std, dtype=torch.float64)[:, None, None]
+                ours = model.module.encode((ta - m64) / s64, (tb - m64) / s64).tokens
+            worst64 = max(worst64, float((memory.permute(1, 0, 2) - ours).abs().max()))
+    # float32 rounding through a ResNet-101 (one batched pass here, one per image there) reaches ~1e-4 on these
+    # LayerNorm-scale features; float64 shows the ops are the same
+    results.update(pairs=n, max_abs_diff=worst, max_abs_diff_float64=worst64, captions_equal=same_all,
+                   ok=worst64 < 1e-9 and worst < 1e-3 and same_all)
+    return results
+
+
 def _time_both(net: torch.nn.Module, model, batch: int, seed: int, reps: int = 3) -> dict:
     """Pairs/s of the peer's forward pass and of the imported model's change_probability on the same batch, on
     this CPU, in this process, alternating (median of ``reps`` each, after one warm-up)."""
@@ -191,8 +340,10 @@ def _time_both(net: torch.nn.Module, model, batch: int, seed: int, reps: int = 3
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("family", choices=["bit"])
-    p.add_argument("peer", help="a checkout of the peer's code (BIT_CD)")
+    p.add_argument("family", choices=["bit", "rsiccformer"])
+    p.add_argument("peer", help="a checkout of the peer's code (BIT_CD, RSICC)")
+    p.add_argument("--captions", default=str(REPO.parent / "shared" / "data" / "levircc_captions.json"),
+                   help="rsiccformer: LEVIR-CC captions (its words make the word map)")
     p.add_argument("--variant", default="base_transformer_pos_s4_dd8_dedim8",
                    help="the peer's model name (BIT_CD --net_G; default: its released LEVIR-CD model's)")
     p.add_argument("--random-pairs", type=int, default=4)
@@ -203,7 +354,7 @@ def main() -> int:
     p.add_argument("--manifest", action="store_true", help="also write tests/data/published/<family>_<variant>.json")
     args = p.parse_args()
     torch.set_num_threads(2)
-    results = run_bit(args)
+    results = run_bit(args) if args.family == "bit" else run_rsiccformer(args)
     print(json.dumps(results))
     return 0 if results["ok"] else 1
 

@@ -68,6 +68,8 @@ TINY: dict[str, dict] = {
     "sen": _SEN, "sen-small": _SEN,
     "dfm": _DFM, "dfm-small": _DFM,
     "semantic-cc-vit-l": _SEMANTIC_CC, "semantic-cc-vit-b": _SEMANTIC_CC, "semantic-cc-small": _SEMANTIC_CC,
+    # RSICCformer's layout on a ResNet-18-3 (256 channels), 128-wide, an 8 x 8 grid, 2 cross layers
+    "rsiccformer": dict(backbone="resnet18", grid=8, d_model=128, heads=4, layers=2, decoder_heads=4, dropout=0.1),
 }
 # Semantic-CC's word-level LLM learns more slowly per step than the small Transformer decoders.
 LEARNING_RATE = {"semantic-cc": 5e-4}

@@ -127,7 +127,8 @@ def _import(args: argparse.Namespace) -> int:
     from .published import default_folder, import_checkpoint
 
     folder = args.folder or default_folder() or "."
-    card = import_checkpoint(args.checkpoint, args.family, folder, name=args.name, dataset=args.dataset)
+    card = import_checkpoint(args.checkpoint, args.family, folder, name=args.name, dataset=args.dataset,
+                             word_map=args.word_map)
     print(f"model file: {card} (+ {card.with_suffix('.safetensors').name})")
     print(f"use it with: changescribe detect BEFORE AFTER -o OUT.gpkg --model {card}")
     return 0
@@ -221,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .published import FAMILIES
 
     i = msub.add_parser("import", help="turn a published checkpoint (e.g. BIT's best_ckpt.pt) into a ChangeScribe "
-                                       "model file; read with torch.load(weights_only=True), never unpickled")
+                                       "model file; read with torch.load(weights_only=True), or (RSICC's pickled "
+                                       "modules) an unpickler that runs no code from the file")
     i.add_argument("checkpoint", help="the checkpoint file as its authors publish it")
     i.add_argument("--from", dest="family", required=True, choices=sorted(FAMILIES),
                    help="the code base it comes from: " + "; ".join(f"{f.name} = {f.title}" for f in FAMILIES.values()))
@@ -230,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the dataset the checkpoint was trained on (sets GSD and reported metrics; default: the "
                         "family's first: " + ", ".join(f"{f.name}: {'/'.join(f.datasets)}" for f in FAMILIES.values())
                         + ")")
+    i.add_argument("--word-map", default=None,
+                   help="a captioner's word map (rsiccformer: WORDMAP_*.json; default: the one beside the checkpoint "
+                        "or in its ../data folder)")
     i.add_argument("--folder", default=None, help="where to write NAME.json + NAME.safetensors (default: the first "
                                                   "folder of $CHANGESCRIBE_MODEL_PATH, else the current folder); an "
                                                   "existing model file is never replaced")

@@ -52,6 +52,10 @@ class Family:
     std: tuple[float, ...]
     tile_size: int
     datasets: dict[str, DatasetFacts] = field(default_factory=dict)
+    # a captioner without a change head: the detector its card pairs it with (a model name, resolved on loading)
+    pair_with: str | None = None
+    # the file that names a captioner's words when its checkpoint does not (RSICC: data/WORDMAP_*.json)
+    word_map_glob: str | None = None
 
     @property
     def default_dataset(self) -> str:
@@ -83,7 +87,30 @@ BIT = Family(
                    "linked from the BIT_CD README")},
 )
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (BIT,)}
+RSICCFORMER = Family(
+    name="rsiccformer",
+    architecture="rsiccformer",
+    title="RSICCformer (Chen-Yang-Liu/RSICC)",
+    paper="Liu, Zhao, Chen, Zou & Shi, 'Remote Sensing Image Change Captioning With Dual-Branch Transformers: A New "
+          "Method and a Large Scale Dataset', IEEE TGRS 2022",
+    repository="https://github.com/Chen-Yang-Liu/RSICC",
+    commit="d1505e514c450c3728782ca723e82761e70bafd3",
+    licence="RSICC: the repository states no licence; ask the authors before any use beyond research",
+    weights_terms="no terms stated by the source (research use of LEVIR-CC; ask the authors otherwise)",
+    # its caption.py: /255 then Normalize(ImageNet mean, std) -> on the 0..255 scale
+    mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375), tile_size=256,
+    datasets={"LEVIR-CC": DatasetFacts(
+        name="LEVIR-CC", gsd=0.5,
+        metrics={},  # the paper's BLEU/METEOR/ROUGE-L/CIDEr are not recorded: not yet checked against a source
+        split="LEVIR-CC test split, 256 px pairs",
+        checkpoint="one .pth.tar (its three modules, pickled) and data/WORDMAP_LEVIR_CC_5_cap_per_img_5_min_word_freq"
+                   ".json: Google Drive https://drive.google.com/drive/folders/1cEv-BXISfWjw1RTzL39uBojH7atjLdCG or "
+                   "Baidu (code 2fbc), linked from the RSICC README")},
+    pair_with="bit-levir-cd",  # the default name of `models import --from bit`: BIT's LEVIR-CD change mask
+    word_map_glob="WORDMAP_*.json",
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (BIT, RSICCFORMER)}
 
 
 def get_family(name: str) -> Family:
@@ -138,11 +165,36 @@ def check_destination(folder: str | os.PathLike, name: str) -> tuple[Path, Path]
     return card, weights
 
 
+def find_word_map(family: Family, checkpoint: Path, word_map: str | os.PathLike | None) -> dict[str, int] | None:
+    """A captioner family's word map: the file given, else the one ``WORDMAP_*.json`` beside the checkpoint or in
+    its ``data/`` sibling (where RSICC's scripts put it); None for a family that needs none."""
+    import json
+
+    if family.word_map_glob is None:
+        return None
+    if word_map is None:
+        found = sorted({p for d in (checkpoint.parent, checkpoint.parent.parent / "data")
+                        for p in d.glob(family.word_map_glob)})
+        if len(found) != 1:
+            raise InputError(f"{family.name} checkpoints name their words in a separate word map ({family.word_map_glob}"
+                             f"); {'none' if not found else 'several'} beside {checkpoint}: pass --word-map FILE")
+        word_map = found[0]
+    try:
+        with open(word_map, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read the word map {word_map}: {e}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and type(v) is int for k, v in data.items()):
+        raise InputError(f"the word map {word_map} is not a JSON object of word -> integer id")
+    return data
+
+
 def import_checkpoint(checkpoint: str | os.PathLike, family: str, folder: str | os.PathLike, name: str | None = None,
-                      dataset: str | None = None) -> Path:
+                      dataset: str | None = None, word_map: str | os.PathLike | None = None) -> Path:
     """Convert a published ``checkpoint`` of ``family`` into the model file ``folder/NAME.{json,safetensors}``;
     returns the card path. Nothing is written unless the whole conversion succeeds and the written file loads
-    back strictly; an existing model file is never replaced."""
+    back strictly; an existing model file is never replaced. A captioner's words come from its ``word_map``
+    (:func:`find_word_map`)."""
     fam = get_family(family)
     dataset = dataset or fam.default_dataset
     if dataset not in fam.datasets:
@@ -159,10 +211,12 @@ def import_checkpoint(checkpoint: str | os.PathLike, family: str, folder: str | 
     from .model_api import InputSpec
     from .model_file import read_card, save_model_file, sha256_file
     from .model_loading import build_from_card
-    from .models.converters import convert
+    from .models.converters import convert, word_map_vocabulary
 
-    raw = load_torch_file(source)  # weights_only=True: refuses pickled objects with one clear line
-    module, config = convert(fam.name, raw, str(source))
+    words = find_word_map(fam, source, word_map)
+    raw = load_torch_file(source, modules=fam.word_map_glob is not None)  # tensors and plain containers only
+    module, config = convert(fam.name, raw, str(source), word_map=words)
+    vocabulary = word_map_vocabulary(words, str(source))[0] if words is not None else None
     spec = InputSpec(bands=3, mean=fam.mean, std=fam.std, tile_size=fam.tile_size, gsd=facts.gsd)
     folder = Path(folder)
     try:
@@ -172,15 +226,18 @@ def import_checkpoint(checkpoint: str | os.PathLike, family: str, folder: str | 
         raise InputError(f"cannot write in the model folder {folder}: {e.strerror or e}") from None
     try:
         written = save_model_file(
-            tmp / card_path.name, module, fam.architecture, config, spec, name=name, version="1",
-            description=f"{fam.title}, imported from its published {dataset} checkpoint: change mask only.",
+            tmp / card_path.name, module, fam.architecture, config, spec, vocabulary, name=name, version="1",
+            description=f"{fam.title}, imported from its published {dataset} checkpoint: "
+                        + ("change mask only." if vocabulary is None else
+                           f"captions only, paired with the change detector {fam.pair_with!r} (its change mask)."),
             training_data=f"{dataset} (the published checkpoint's own training)",
             metrics={"test": {"data": f"{dataset} test (reported by the paper)", "split": facts.split,
                               **facts.metrics}},
             licence=fam.licence, weights_terms=fam.weights_terms, paper=fam.paper,
             source={"family": fam.name, "repository": fam.repository, "code_commit": fam.commit,
                     "published": facts.checkpoint, "checkpoint": source.name,
-                    "checkpoint_sha256": sha256_file(source)})
+                    "checkpoint_sha256": sha256_file(source)},
+            **({"pair_with": fam.pair_with} if fam.pair_with else {}))
         build_from_card(read_card(written))  # the written file must load back, strictly, before it is shown
         _place(tmp / weights_path.name, weights_path)
         try:

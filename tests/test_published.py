@@ -22,15 +22,15 @@ from changescribe.core.model_loading import load_model_file
 MANIFEST = Path(__file__).parent / "data" / "published" / "bit_base_transformer_pos_s4_dd8_dedim8.json"
 
 
-def _manifest() -> dict:
-    return json.loads(MANIFEST.read_text())
+def _manifest(path: Path = MANIFEST) -> dict:
+    return json.loads(path.read_text())
 
 
-def peer_state(seed: int = 0) -> dict[str, torch.Tensor]:
+def peer_state(seed: int = 0, manifest: Path = MANIFEST) -> dict[str, torch.Tensor]:
     """Random tensors under the peer's key names, shapes and dtypes (running variances positive)."""
     g = torch.Generator().manual_seed(seed)
     state = {}
-    for key, shape, dtype in _manifest()["keys"]:
+    for key, shape, dtype in _manifest(manifest)["keys"]:
         if dtype == "int64":
             state[key] = torch.tensor(7) if not shape else torch.zeros(shape, dtype=torch.int64)
         elif key.endswith("running_var"):
@@ -304,3 +304,128 @@ def test_an_imported_model_runs_through_the_streaming_pipeline(tmp_path, capsys,
     model = load_model_file(tmp_path / "bit-levir-cd.json")
     direct = model.change_probability(torch.from_numpy(before[None]).float(), torch.from_numpy(after[None]).float())
     assert np.abs(piped - direct[0].numpy()).max() < 1e-4
+
+
+# ---- rsiccformer: RSICC's trainer pickles its three modules (and their optimisers) themselves ----------------------
+RSICC_MANIFEST = MANIFEST.parent / "rsiccformer_resnet101_MCCFormers_diff_as_Q_trans.json"
+RSICC_PARTS = ("encoder_image", "encoder_feat", "decoder")
+_BUFFERS = ("running_mean", "running_var", "num_batches_tracked", "pe")
+
+
+def rsicc_word_map(size: int) -> dict[str, int]:
+    """A word map in RSICC's layout: <pad> 0, the words, then <unk>, <start>, <end>."""
+    word_map = {"<pad>": 0, **{f"word{i}": i for i in range(1, size - 3)}}
+    for special in ("<unk>", "<start>", "<end>"):
+        word_map[special] = len(word_map)
+    return word_map
+
+
+def module_tree(state: dict[str, torch.Tensor], part: str) -> torch.nn.Module:
+    """Plain nn.Modules holding ``part``'s tensors under the peer's names (pickled as real modules by torch.save)."""
+    root = torch.nn.Module()
+    for key, t in state.items():
+        if not key.startswith(part + "."):
+            continue
+        *path, leaf = key[len(part) + 1:].split(".")
+        m = root
+        for p in path:
+            if p not in m._modules:
+                m.add_module(p, torch.nn.Module())
+            m = m._modules[p]
+        if leaf in _BUFFERS:
+            m.register_buffer(leaf, t)
+        else:
+            m.register_parameter(leaf, torch.nn.Parameter(t))
+    return root
+
+
+def save_rsicc_checkpoint(folder: Path, state: dict[str, torch.Tensor], word_map: bool = True, **extra) -> Path:
+    """RSICC's save_checkpoint container (modules and Adam optimisers pickled whole) and its word map beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = {p: module_tree(state, p) for p in RSICC_PARTS}
+    container = {"epoch": 30, "epochs_since_improvement": 2, "bleu-4": 0.64, **parts,
+                 **{f"{p}_optimizer": torch.optim.Adam(m.parameters(), lr=1e-4) for p, m in parts.items()}, **extra}
+    path = folder / "BEST_checkpoint_resnet101_MCCFormers_diff_as_Q_trans.pth.tar"
+    torch.save(container, path)
+    if word_map:
+        (folder / "WORDMAP_LEVIR_CC_5_cap_per_img_5_min_word_freq.json").write_text(
+            json.dumps(rsicc_word_map(_manifest(RSICC_MANIFEST)["vocabulary"])))
+    return path
+
+
+def test_rsicc_manifest_is_the_peers_released_model():
+    m = _manifest(RSICC_MANIFEST)
+    assert m["repository"] == "https://github.com/Chen-Yang-Liu/RSICC" and len(m["commit"]) == 40
+    keys = {k: shape for k, shape, _ in m["keys"]}
+    assert sum(k.startswith("encoder_image.net.6.") and k.endswith(".conv1.weight") for k in keys) == 23  # ResNet-101
+    assert keys["encoder_feat.projection.weight"] == [512, 1024, 1, 1]
+    assert keys["encoder_feat.transformer.2.attention.in_proj_weight"] == [1536, 512]
+    assert keys["decoder.transformer.layers.0.multihead_attn2.in_proj_weight"] == [3072, 1024]
+    assert keys["decoder.wdc.weight"] == [m["vocabulary"], 1024]
+    assert set(m["container"]) >= {*RSICC_PARTS, "decoder_optimizer", "bleu-4"}
+
+
+def test_rsiccformer_checkpoint_of_pickled_modules_imports_as_a_captioner(tmp_path, capsys):
+    from changescribe.core.model_loading import build_from_card
+    from changescribe.core.vocabulary import END_ID, PAD_ID, START_ID, UNK_ID
+
+    state = peer_state(1, RSICC_MANIFEST)
+    ckpt = save_rsicc_checkpoint(tmp_path / "models_checkpoint", state)
+    code, out = run_import(capsys, str(ckpt), "--from", "rsiccformer", "--folder", str(tmp_path / "models"))
+    assert code == 0, out
+    card = read_card(tmp_path / "models" / "rsiccformer-levir-cc.json")
+    assert card["architecture"] == "rsiccformer" and card["pair_with"] == "bit-levir-cd"
+    assert card["input"]["mean"] == [123.675, 116.28, 103.53] and card["input"]["tile_size"] == 256
+    assert "captions only" in card["description"] and card["source"]["code_commit"] == _manifest(RSICC_MANIFEST)["commit"]
+    words = rsicc_word_map(_manifest(RSICC_MANIFEST)["vocabulary"])
+    assert card["vocabulary"]["words"][4:7] == ["word1", "word2", "word3"]
+    model = build_from_card(card)  # the captioner alone (its detector is paired on loading)
+    ours = model.module.state_dict()
+    emb = state["decoder.vocab_embedding.weight"]
+    for our_id, name in ((PAD_ID, "<pad>"), (UNK_ID, "<unk>"), (START_ID, "<start>"), (END_ID, "<end>"), (4, "word1")):
+        assert torch.equal(ours["decoder.embed.weight"][our_id], emb[words[name]])
+        assert torch.equal(ours["decoder.classifier.bias"][our_id], state["decoder.wdc.bias"][words[name]])
+    qkv = state["encoder_feat.transformer.1.attention.in_proj_weight"]
+    assert torch.equal(ours["cross.1.attn.to_k.weight"], qkv[512:1024])
+    cross = state["decoder.transformer.layers.0.multihead_attn2.in_proj_bias"]
+    assert torch.equal(ours["decoder.layers.0.cross_attn.to_v.bias"], cross[2048:])
+    assert torch.equal(ours["extractor.layers.2.22.conv3.weight"], state["encoder_image.net.6.22.conv3.weight"])
+    assert torch.equal(ours["fuse.2.body.7.running_var"], state["encoder_feat.resblock.2.left.7.running_var"])
+    assert torch.equal(ours["col_embed.weight"], state["encoder_feat.w_embedding.weight"])
+    captions = model.caption(torch.rand(1, 3, 64, 64) * 255, torch.rand(1, 3, 64, 64) * 255)
+    assert len(captions) == 1 and all(w.startswith("word") for w in captions[0].split())
+
+
+def test_rsiccformer_import_refuses_unknown_layers_a_missing_or_foreign_word_map(tmp_path, capsys):
+    state = peer_state(2, RSICC_MANIFEST)
+    extra = {**state, "decoder.extra_head.weight": torch.zeros(3, 3)}
+    ckpt = save_rsicc_checkpoint(tmp_path / "a", extra)
+    code, out = run_import(capsys, str(ckpt), "--from", "rsiccformer", "--folder", str(tmp_path / "m"))
+    assert code == 2 and "decoder.extra_head.weight" in out and "Traceback" not in out
+    ckpt = save_rsicc_checkpoint(tmp_path / "b", state, word_map=False)
+    code, out = run_import(capsys, str(ckpt), "--from", "rsiccformer", "--folder", str(tmp_path / "m"))
+    assert code == 2 and "word map" in out and "--word-map" in out
+    (tmp_path / "b" / "WORDMAP_other.json").write_text(json.dumps(rsicc_word_map(40)))
+    code, out = run_import(capsys, str(ckpt), "--from", "rsiccformer", "--folder", str(tmp_path / "m"))
+    assert code == 2 and "40 entries" in out
+    assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())  # nothing half-written
+
+
+class _RunsCode:
+    """A pickled object whose unpickling would run a command: the restricted unpickler must never call it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_rsiccformer_checkpoint_never_runs_pickled_code(tmp_path, capsys):
+    marker = tmp_path / "ran"
+    ckpt = save_rsicc_checkpoint(tmp_path / "c", peer_state(3, RSICC_MANIFEST), payload=_RunsCode(marker))
+    code, out = run_import(capsys, str(ckpt), "--from", "rsiccformer", "--folder", str(tmp_path / "m"))
+    assert code == 0, out  # the payload is kept as inert data and dropped; the weights import
+    assert not marker.exists()
+    code, out = run_import(capsys, str(ckpt), "--from", "bit", "--folder", str(tmp_path / "m"))
+    assert code == 2 and "refused" in out and not marker.exists()  # other families stay weights_only=True

@@ -17,17 +17,24 @@ import torch
 from torch import nn
 
 from ..checkpoints import CheckpointError
+from ..vocabulary import SPECIALS, Vocabulary
 from .bit_cd import BIT_ORIGINAL, BitCD, BitCDConfig
+from .rsiccformer import RSICCformer, RSICCformerConfig
 
 # Where a training checkpoint keeps the weights (BIT_CD's trainer saves {'model_G_state_dict': ..., optimiser, ...}).
 STATE_KEYS = ("model_G_state_dict", "state_dict", "model")
+# Checkpoints that keep each part's weights under its own key (RSICC's trainer saves its three modules, read here as
+# their state dicts): their tensors are named PART.key.
+PART_KEYS = ("encoder_image", "encoder_feat", "decoder")
 
 
 def checkpoint_state(raw: Any, source: str) -> dict[str, torch.Tensor]:
     """The state dict inside a loaded checkpoint: a training checkpoint's weights entry, or the dict itself;
     ``module.`` (DataParallel) prefixes removed."""
     state = raw
-    if isinstance(raw, Mapping):
+    if isinstance(raw, Mapping) and all(isinstance(raw.get(k), Mapping) for k in PART_KEYS):
+        state = {f"{part}.{k}": v for part in PART_KEYS for k, v in raw[part].items()}
+    elif isinstance(raw, Mapping):
         for key in STATE_KEYS:
             if isinstance(raw.get(key), Mapping):
                 state = raw[key]
@@ -189,12 +196,135 @@ def convert_bit(state: dict[str, torch.Tensor], source: str) -> tuple[nn.Module,
     return module, cfg
 
 
-CONVERTERS: dict[str, Callable[[dict[str, torch.Tensor], str], tuple[nn.Module, Any]]] = {"bit": convert_bit}
+# RSICC's names (models.py CNN_Encoder, models_RSICCformerDfusion.py MCCFormers_diff_as_Q and DecoderTransformer):
+# encoder_image.net = Sequential(conv1, bn1, relu, maxpool, layer1..3) of a torchvision ResNet; encoder_feat.
+# {projection, w_embedding, h_embedding, transformer.i (CrossTransformer: one nn.MultiheadAttention, norm1, norm2,
+# linear1, linear2), resblock.i.left (conv/BN x 3), LN.i}; decoder.{vocab_embedding, transformer.layers.i (post-norm
+# layer: self_attn, multihead_attn2 for the memory, linear1/2, norm1..3), wdc}.
+_RSICC_MHA = [  # nn.MultiheadAttention's fused in_proj is split below; its out_proj is a plain Linear
+    (r"encoder_feat\.transformer\.(\d+)\.attention\.out_proj\.(weight|bias)", r"cross.\1.attn.to_out.\2"),
+    (r"decoder\.transformer\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", r"decoder.layers.\1.self_attn.to_out.\2"),
+    (r"decoder\.transformer\.layers\.(\d+)\.multihead_attn2\.out_proj\.(weight|bias)",
+     r"decoder.layers.\1.cross_attn.to_out.\2"),
+]
+_RSICC_RULES = [
+    (r"encoder_image\.net\.0\.(.+)", r"extractor.conv1.\1"),
+    (r"encoder_image\.net\.1\.(.+)", r"extractor.bn1.\1"),
+    (r"encoder_image\.net\.4\.(.+)", r"extractor.layers.0.\1"),
+    (r"encoder_image\.net\.5\.(.+)", r"extractor.layers.1.\1"),
+    (r"encoder_image\.net\.6\.(.+)", r"extractor.layers.2.\1"),
+    (r"encoder_feat\.projection\.(weight|bias)", r"proj.\1"),
+    (r"encoder_feat\.w_embedding\.weight", r"col_embed.weight"),
+    (r"encoder_feat\.h_embedding\.weight", r"row_embed.weight"),
+    (r"encoder_feat\.transformer\.(\d+)\.(norm1|norm2)\.(weight|bias)", r"cross.\1.\2.\3"),
+    (r"encoder_feat\.transformer\.(\d+)\.linear1\.(weight|bias)", r"cross.\1.ffn.net.0.\2"),
+    (r"encoder_feat\.transformer\.(\d+)\.linear2\.(weight|bias)", r"cross.\1.ffn.net.3.\2"),
+    (r"encoder_feat\.resblock\.(\d+)\.left\.(\d+)\.(.+)", r"fuse.\1.body.\2.\3"),
+    (r"encoder_feat\.LN\.(\d+)\.(weight|bias)", r"fuse_norm.\1.\2"),
+    (r"decoder\.transformer\.layers\.(\d+)\.(norm1|norm2|norm3)\.(weight|bias)", r"decoder.layers.\1.\2.\3"),
+    (r"decoder\.transformer\.layers\.(\d+)\.linear1\.(weight|bias)", r"decoder.layers.\1.ffn.net.0.\2"),
+    (r"decoder\.transformer\.layers\.(\d+)\.linear2\.(weight|bias)", r"decoder.layers.\1.ffn.net.3.\2"),
+    *_RSICC_MHA,
+]
+_RSICC_IN_PROJ = {  # checkpoint prefix pattern -> our attention module
+    r"encoder_feat\.transformer\.(\d+)\.attention": "cross.{}.attn",
+    r"decoder\.transformer\.layers\.(\d+)\.self_attn": "decoder.layers.{}.self_attn",
+    r"decoder\.transformer\.layers\.(\d+)\.multihead_attn2": "decoder.layers.{}.cross_attn",
+}
+# Built by RSICC but never used in its forward pass: other backbones' projections, a 1-D position table, the
+# decoder layer's unused attentions and gates, and the fixed sinusoidal table (recomputed here, identical).
+_RSICC_UNUSED = [
+    r"encoder_feat\.projection[234]\.(weight|bias)", r"encoder_feat\.embedding_1D\.weight",
+    r"decoder\.transformer\.layers\.\d+\.(self_attn2|multihead_attn|multihead_attn3)\..+",
+    r"decoder\.transformer\.layers\.\d+\.fc_alpha[123]\.(weight|bias)",
+    r"decoder\.position_encoding\.(pe|embedding_1D\.weight)",
+]
+_RSICC_SPECIALS = ("<pad>", "<unk>", "<start>", "<end>")  # RSICC's word map names of our SPECIALS, in their order
+_RSICC_HEADS = 8  # train.py's --n_heads default; nn.MultiheadAttention keeps no head count in its weights
+_RESNET_LAYER3_BLOCKS = {6: "resnet50", 23: "resnet101", 36: "resnet152"}
+
+
+def word_map_vocabulary(word_map: Mapping[str, int], source: str) -> tuple[Vocabulary, list[int]]:
+    """RSICC's word map (``WORDMAP_*.json``: word -> id, <pad> 0, then the words, <unk>, <start>, <end>) -> our
+    :class:`Vocabulary` (specials first) and, for each of its ids, the word map's id (to reorder the rows)."""
+    missing = [s for s in _RSICC_SPECIALS if s not in word_map]
+    if missing:
+        raise CheckpointError(f"{source}: the word map has no {', '.join(missing)}; it is not an RSICC word map")
+    ids = sorted(i for i in word_map.values() if type(i) is int)
+    if ids != list(range(len(word_map))):
+        raise CheckpointError(f"{source}: the word map's ids are not 0..{len(ids) - 1}, each once")
+    words = sorted((w for w in word_map if w not in _RSICC_SPECIALS), key=word_map.__getitem__)
+    clash = [w for w in words if w in SPECIALS]
+    if clash:
+        raise CheckpointError(f"{source}: the word map has words ChangeScribe reserves: {', '.join(clash)}")
+    order = [word_map[s] for s in _RSICC_SPECIALS] + [word_map[w] for w in words]
+    return Vocabulary(words, max_length=RSICCformerConfig.max_caption_length), order
+
+
+def rsiccformer_config(state: dict[str, torch.Tensor], source: str) -> RSICCformerConfig:
+    """The RSICCformer variant a state dict holds, from its shapes."""
+    need = lambda key: _need(state, key, "rsiccformer", source)  # noqa: E731
+    blocks = _count(state, r"encoder_image\.net\.6\.(\d+)\.conv1\.weight")
+    backbone = _RESNET_LAYER3_BLOCKS.get(blocks)
+    if backbone is None:
+        raise CheckpointError(f"{source} does not fit the 'rsiccformer' family: its encoder_image is not a "
+                              f"ResNet-50/101/152 cut after layer3 ({blocks} blocks in layer3)")
+    proj = need("encoder_feat.projection.weight")
+    layers = _count(state, r"encoder_feat\.transformer\.(\d+)\.attention\.in_proj_weight")
+    dec_layers = _count(state, r"decoder\.transformer\.layers\.(\d+)\.self_attn\.in_proj_weight")
+    if not layers or not dec_layers:
+        raise CheckpointError(f"{source} does not fit the 'rsiccformer' family: it has no "
+                              f"{'dual-branch encoder' if not layers else 'transformer decoder'} layers")
+    return RSICCformerConfig(backbone=backbone, grid=int(need("encoder_feat.w_embedding.weight").shape[0]),
+                             d_model=int(proj.shape[0]), heads=_RSICC_HEADS, layers=layers,
+                             decoder_heads=_RSICC_HEADS, decoder_layers=dec_layers,
+                             vocab_size=int(need("decoder.wdc.weight").shape[0]))
+
+
+def convert_rsiccformer(state: dict[str, torch.Tensor], source: str,
+                        word_map: Mapping[str, int] | None = None) -> tuple[nn.Module, RSICCformerConfig]:
+    """RSICC's (encoder_image, encoder_feat, decoder) weights -> ``rsiccformer``; the word embedding and classifier
+    rows are reordered from the word map's ids to the vocabulary's (:func:`word_map_vocabulary`)."""
+    cfg = rsiccformer_config(state, source)
+    module = RSICCformer(cfg)
+    m = StateMapping(state)
+    m.rename(_RSICC_RULES)
+    for pattern, target in _RSICC_IN_PROJ.items():
+        rx = re.compile(pattern + r"\.in_proj_(weight|bias)")
+        for key in state:
+            if mt := rx.fullmatch(key):
+                for name, part in zip(("to_q", "to_k", "to_v"), state[key].chunk(3, dim=0)):
+                    m.put(f"{target.format(mt.group(1))}.{name}.{mt.group(2)}", part, key)
+    if word_map is None:
+        raise CheckpointError(f"{source}: an RSICCformer checkpoint needs its word map (WORDMAP_*.json) to name its "
+                              "words")
+    _, order = word_map_vocabulary(word_map, source)
+    rows = int(_need(state, "decoder.wdc.weight", "rsiccformer", source).shape[0])
+    if len(order) != rows:
+        raise CheckpointError(f"{source}: the word map has {len(order)} entries but the decoder predicts {rows} "
+                              "words: it belongs to another checkpoint")
+    index = torch.tensor(order)
+    for key, target in (("decoder.vocab_embedding.weight", "decoder.embed.weight"),
+                        ("decoder.wdc.weight", "decoder.classifier.weight"),
+                        ("decoder.wdc.bias", "decoder.classifier.bias")):
+        if key in state:
+            m.put(target, state[key].index_select(0, index), key)
+    m.ignore(_RSICC_UNUSED)
+    m.load_into(module, "rsiccformer", source)
+    return module, cfg
+
+
+CONVERTERS: dict[str, Callable[..., tuple[nn.Module, Any]]] = {"bit": convert_bit, "rsiccformer": convert_rsiccformer}
 # The config each family's checkpoint implies, from its shapes alone (bench/models.py times it without weights).
-CONFIGS: dict[str, Callable[[dict[str, torch.Tensor], str], Any]] = {"bit": bit_config}
+CONFIGS: dict[str, Callable[[dict[str, torch.Tensor], str], Any]] = {"bit": bit_config,
+                                                                     "rsiccformer": rsiccformer_config}
+# Families whose checkpoints name their words in a separate word map (passed to their converter).
+WORD_MAP_FAMILIES = frozenset({"rsiccformer"})
 
 
-def convert(family: str, raw: Any, source: str) -> tuple[nn.Module, Any]:
+def convert(family: str, raw: Any, source: str, word_map: Mapping[str, int] | None = None) -> tuple[nn.Module, Any]:
     """A loaded checkpoint of ``family`` -> (module with its weights, config), or :class:`CheckpointError`."""
-    module, config = CONVERTERS[family](checkpoint_state(raw, source), source)
+    state = checkpoint_state(raw, source)
+    extra = {"word_map": word_map} if family in WORD_MAP_FAMILIES else {}
+    module, config = CONVERTERS[family](state, source, **extra)
     return module.eval(), config

@@ -18,6 +18,7 @@ from .bit_cd import BitCD, BitCDConfig
 from .dfm import DFM, DFMConfig
 from .network import ChangeNetwork
 from .pix4cap import Pix4Cap, Pix4CapConfig
+from .rsiccformer import RSICCformer, RSICCformerConfig
 from .semantic_cc import WEIGHTS_NOTE, SemanticCC, SemanticCCConfig, sam_config
 from .sen import SEN, SENConfig
 
@@ -177,6 +178,12 @@ SEMANTIC_CC_SMALL = SemanticCCConfig(
     llm_hidden=256, llm_layers=4, llm_heads=4, llm_intermediate=688, llm_max_positions=256, vocab_size=436,
     llm_lora_r=0, freeze_pretrained=False)
 
+RSICCFORMER_PAPER = ("Liu, Zhao, Chen, Zou & Shi, 'Remote Sensing Image Change Captioning With Dual-Branch "
+                     "Transformers: A New Method and a Large Scale Dataset', IEEE TGRS 2022")
+register(ModelEntry("rsiccformer", RSICCformer, RSICCformerConfig(), RSICCFORMER_PAPER,
+                    "RSICCformer (Chen-Yang-Liu/RSICC): ResNet-101-3, 3 dual-branch cross layers, 1024-wide decoder; "
+                    "imports its published LEVIR-CC checkpoints. Caption only - paired with a change detector.",
+                    True))
 register(ModelEntry("sen", SEN, SENConfig(), SEN_PAPER,
                     "SEN, paper configuration (6-band single-stream ResNet-50, D 512, SFE, CAGD N_e 2, decoder N_d 1, "
                     "beam 3): caption only - paired with a change detector.", True))
