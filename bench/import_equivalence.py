@@ -247,6 +247,10 @@ def run_rsiccformer(args: argparse.Namespace) -> dict:
     enc, feat, dec = _peer_rsicc(Path(args.peer), len(word_map))
     for i, net in enumerate((enc, feat, dec)):
         _randomise(net, args.seed + i)
+    with torch.no_grad():  # sharper cross-attention and word scores, so that the captions depend on the pair
+        for layer in dec.transformer.layers:
+            layer.multihead_attn2.in_proj_weight.mul_(args.sharpen)
+        dec.wdc.weight.mul_(args.sharpen)
     results = {"family": "rsiccformer", "peer_commit": args.commit or _commit(Path(args.peer)),
                "vocabulary": len(word_map)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -347,6 +351,8 @@ def main() -> int:
     p.add_argument("--variant", default="base_transformer_pos_s4_dd8_dedim8",
                    help="the peer's model name (BIT_CD --net_G; default: its released LEVIR-CD model's)")
     p.add_argument("--random-pairs", type=int, default=4)
+    p.add_argument("--sharpen", type=float, default=4.0,
+                   help="rsiccformer: scale of the random decoder's cross-attention and word scores (1 = as drawn)")
     p.add_argument("--samples", type=int, default=None, help="use only the first N of the peer's sample pairs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--commit", default=None, help="the peer commit, when the checkout is not a git repository")
