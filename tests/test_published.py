@@ -429,3 +429,21 @@ def test_rsiccformer_checkpoint_never_runs_pickled_code(tmp_path, capsys):
     assert not marker.exists()
     code, out = run_import(capsys, str(ckpt), "--from", "bit", "--folder", str(tmp_path / "m"))
     assert code == 2 and "refused" in out and not marker.exists()  # other families stay weights_only=True
+
+
+def test_imported_rsiccformer_pairs_with_the_imported_bit_detector(tmp_path, capsys, checkpoint):
+    """Both imports in one folder: loading RSICCformer's card gives its captions with BIT's change mask."""
+    from changescribe.core.models.pairing import PairedChangeModel
+
+    ckpt, _ = checkpoint
+    folder = tmp_path / "models"
+    assert run_import(capsys, str(ckpt), "--from", "bit", "--folder", str(folder))[0] == 0
+    rsicc = save_rsicc_checkpoint(tmp_path / "rsicc", peer_state(4, RSICC_MANIFEST))
+    assert run_import(capsys, str(rsicc), "--from", "rsiccformer", "--folder", str(folder))[0] == 0
+    model = load_model_file(folder / "rsiccformer-levir-cc.json")
+    assert isinstance(model, PairedChangeModel) and model.can_detect and model.can_caption
+    before, after = torch.rand(1, 3, 64, 64) * 255, torch.rand(1, 3, 64, 64) * 255
+    pred = model.predict(before, after, with_captions=True)
+    bit = load_model_file(folder / "bit-levir-cd.json")
+    assert torch.allclose(pred.probability, bit.change_probability(before, after), atol=1e-5)
+    assert len(pred.captions) == 1 and all(w.startswith("word") for w in pred.captions[0].split())
