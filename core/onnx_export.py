@@ -180,6 +180,9 @@ def cached_graph(model: TorchChangeModel, kind: str, tile_size: int, folder: Pat
 
 
 def _session(source: str | Path | bytes, threads: int | None, providers: tuple[str, ...]) -> Any:
+    # ONNX Runtime's telemetry leaves a session file (.ses) in the user's temporary folder at import: a run must
+    # leave nothing there, and sends nothing anywhere
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
