@@ -316,9 +316,41 @@ def run_rsiccformer(args: argparse.Namespace) -> dict:
             worst64 = max(worst64, float((memory.permute(1, 0, 2) - ours).abs().max()))
     # float32 rounding through a ResNet-101 (one batched pass here, one per image there) reaches ~1e-4 on these
     # LayerNorm-scale features; float64 shows the ops are the same
+        if args.time_batch:
+            enc.float(), feat.float(), model.module.float()
+            results["pairs_per_s"] = _time_rsicc(enc, feat, dec, model, word_map, args.time_batch, args.seed)
     results.update(pairs=n, max_abs_diff=worst, max_abs_diff_float64=worst64, captions_equal=same_all,
                    ok=worst64 < 1e-9 and worst < 1e-3 and same_all)
     return results
+
+
+def _time_rsicc(enc, feat, dec, model, word_map: dict[str, int], batch: int, seed: int, reps: int = 3) -> dict:
+    """Pairs/s of RSICC's own captioning (caption.py: one pair at a time, greedy) and of the imported model's
+    ``caption`` on the same random 256² batch, on this CPU, in this process, alternating (median of ``reps``)."""
+    import time
+
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.rand(batch, 3, 256, 256, generator=g) * 255, torch.rand(batch, 3, 256, 256, generator=g) * 255
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+
+    def peer() -> None:
+        for i in range(batch):
+            x, y = (a[i:i + 1] / 255 - mean) / std, (b[i:i + 1] / 255 - mean) / std
+            _peer_greedy(dec, feat(enc(x), enc(y)), word_map)
+
+    runs = {"peer": peer, "imported": lambda: model.caption(a, b, beam_size=1)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    with torch.inference_mode():
+        for fn in runs.values():
+            fn()
+        for _ in range(reps):
+            for key, fn in runs.items():
+                t0 = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t0)
+    return {k: round(batch / sorted(v)[len(v) // 2], 3) for k, v in times.items()} | {"batch": batch,
+                                                                                        "threads": torch.get_num_threads()}
 
 
 def _time_both(net: torch.nn.Module, model, batch: int, seed: int, reps: int = 3) -> dict:

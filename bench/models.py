@@ -34,7 +34,9 @@ PAPER = ("sen", "dfm", "semantic-cc-vit-b", "semantic-cc-vit-l", "pix4cap", "bit
 HUGE = ("semantic-cc-vit-b", "semantic-cc-vit-l")
 # Imported published checkpoints (``changescribe models import``): the architecture and config their import gives,
 # read from the peer's (key, shape) manifest, so the timing is of exactly what an imported model runs.
-PUBLISHED = {"bit:levir-cd": REPO / "tests" / "data" / "published" / "bit_base_transformer_pos_s4_dd8_dedim8.json"}
+PUBLISHED = {"bit:levir-cd": REPO / "tests" / "data" / "published" / "bit_base_transformer_pos_s4_dd8_dedim8.json",
+             "rsiccformer:levir-cc": REPO / "tests" / "data" / "published"
+             / "rsiccformer_resnet101_MCCFormers_diff_as_Q_trans.json"}
 
 
 def published_architecture(name: str):
