@@ -134,7 +134,7 @@ def suggest(line: str, emit: Callable[[dict[str, Any]], None]) -> int:
 
 
 def import_job(line: str, emit: Callable[[dict[str, Any]], None]) -> int:
-    """``--import``: one ``{"checkpoint", "family", "folder", "name", "dataset"}`` line in, one
+    """``--import``: one ``{"checkpoint", "family", "folder", "name", "dataset", "word_map"}`` line in, one
     ``{"event": "imported", "card"}`` (or error) line out: the dock's *Import checkpoint…* in this Python."""
     try:
         from .published import import_checkpoint
@@ -143,7 +143,7 @@ def import_job(line: str, emit: Callable[[dict[str, Any]], None]) -> int:
         if not isinstance(job, dict) or not {"checkpoint", "family", "folder"} <= set(job):
             raise InputError("the import job on stdin is not a JSON object with checkpoint, family and folder")
         card = import_checkpoint(job["checkpoint"], job["family"], job["folder"], name=job.get("name"),
-                                 dataset=job.get("dataset"))
+                                 dataset=job.get("dataset"), word_map=job.get("word_map"))
         emit({"event": "imported", "card": str(card)})
         return EXIT_OK
     except BaseException as exc:  # noqa: BLE001 (every failure becomes one error event)

@@ -32,7 +32,7 @@ class ImportDialog(QDialog):
         self.setObjectName("changescribe_import_dialog")
         self.checkpoint = QgsFileWidget()
         self.checkpoint.setObjectName("changescribe_import_checkpoint")
-        self.checkpoint.setFilter("PyTorch checkpoints (*.pt *.pth *.ckpt *.bin);;All files (*)")
+        self.checkpoint.setFilter("PyTorch checkpoints (*.pt *.pth *.ckpt *.bin *.tar);;All files (*)")
         self.source = QComboBox()
         self.source.setObjectName("changescribe_import_source")
         for family, dataset, label in published_checkpoints():
