@@ -56,6 +56,8 @@ class Family:
     pair_with: str | None = None
     # the file that names a captioner's words when its checkpoint does not (RSICC: data/WORDMAP_*.json)
     word_map_glob: str | None = None
+    # its trainer pickles whole nn.Module objects (RSICC): read with the restricted unpickler, never weights_only=False
+    pickled_modules: bool = False
 
     @property
     def default_dataset(self) -> str:
@@ -108,6 +110,7 @@ RSICCFORMER = Family(
                    "Baidu (code 2fbc), linked from the RSICC README")},
     pair_with="bit-levir-cd",  # the default name of `models import --from bit`: BIT's LEVIR-CD change mask
     word_map_glob="WORDMAP_*.json",
+    pickled_modules=True,
 )
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (BIT, RSICCFORMER)}
@@ -214,7 +217,7 @@ def import_checkpoint(checkpoint: str | os.PathLike, family: str, folder: str | 
     from .models.converters import convert, word_map_vocabulary
 
     words = find_word_map(fam, source, word_map)
-    raw = load_torch_file(source, modules=fam.word_map_glob is not None)  # tensors and plain containers only
+    raw = load_torch_file(source, modules=fam.pickled_modules)  # tensors and plain containers only
     module, config = convert(fam.name, raw, str(source), word_map=words)
     vocabulary = word_map_vocabulary(words, str(source))[0] if words is not None else None
     spec = InputSpec(bands=3, mean=fam.mean, std=fam.std, tile_size=fam.tile_size, gsd=facts.gsd)
