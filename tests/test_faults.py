@@ -504,7 +504,7 @@ class Evil:
         return (os.system, ("touch /tmp/changescribe-pwned",))
 
 
-def test_there_is_exactly_one_torch_load_and_it_is_weights_only():
+def test_torch_load_is_weights_only_except_the_restricted_unpickler():
     import ast
 
     calls = []
