@@ -73,8 +73,11 @@ def test_calibrated_probabilities_are_the_shifted_originals(tmp_path):
 def test_calibrations_compose(tmp_path):
     once = calibrate_model_file(CARD, 0.3, tmp_path / "a")
     twice = calibrate_model_file(once, 0.4, tmp_path / "b")
-    shift = json.loads(twice.read_text())["calibration"]["change_logit_shift"]
-    assert shift == pytest.approx(change_logit_shift(0.3) + change_logit_shift(0.4), abs=1e-5)
+    calibration = json.loads(twice.read_text())["calibration"]
+    assert calibration["change_logit_shift"] == pytest.approx(change_logit_shift(0.3) + change_logit_shift(0.4),
+                                                              abs=1e-5)
+    # the uncalibrated model's metrics survive a second calibration
+    assert calibration["metrics_before"] == json.loads(CARD.read_text())["metrics"]
 
 
 def test_eval_of_the_copy_at_half_equals_eval_of_the_original_at_the_threshold(tmp_path, levircd_folder):

@@ -75,7 +75,7 @@ def calibrate_model_file(model: str | Path, threshold: float, out: str | Path) -
         "change_logit_shift": round(total, 6),
         "original_threshold": round(1.0 / (1.0 + math.exp(total)), 6),
         "why": f"probability {threshold:g} of the model before calibration is this file's 0.5",
-        "metrics_before": card.get("metrics") or {},
+        "metrics_before": card.get("metrics") or before.get("metrics_before") or {},
     }
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".calibrate-", dir=out))
