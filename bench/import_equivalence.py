@@ -324,11 +324,27 @@ def run_rsiccformer(args: argparse.Namespace) -> dict:
     return results
 
 
+def _alternate(runs: dict, batch: int, reps: int, digits: int) -> dict:
+    """Pairs/s of each of ``runs`` (callables over the same ``batch`` pairs), alternating after one warm-up each:
+    the median of ``reps`` runs, so both sides see the same load on a shared CPU."""
+    import time
+
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    with torch.inference_mode():
+        for fn in runs.values():
+            fn()
+        for _ in range(reps):
+            for key, fn in runs.items():
+                t0 = time.perf_counter()
+                fn()
+                times[key].append(time.perf_counter() - t0)
+    return {k: round(batch / sorted(v)[len(v) // 2], digits) for k, v in times.items()} | {
+        "batch": batch, "threads": torch.get_num_threads()}
+
+
 def _time_rsicc(enc, feat, dec, model, word_map: dict[str, int], batch: int, seed: int, reps: int = 3) -> dict:
     """Pairs/s of RSICC's own captioning (caption.py: one pair at a time, greedy) and of the imported model's
     ``caption`` on the same random 256² batch, on this CPU, in this process, alternating (median of ``reps``)."""
-    import time
-
     g = torch.Generator().manual_seed(seed)
     a, b = torch.rand(batch, 3, 256, 256, generator=g) * 255, torch.rand(batch, 3, 256, 256, generator=g) * 255
     mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
@@ -340,38 +356,16 @@ def _time_rsicc(enc, feat, dec, model, word_map: dict[str, int], batch: int, see
             _peer_greedy(dec, feat(enc(x), enc(y)), word_map)
 
     runs = {"peer": peer, "imported": lambda: model.caption(a, b, beam_size=1)}
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    with torch.inference_mode():
-        for fn in runs.values():
-            fn()
-        for _ in range(reps):
-            for key, fn in runs.items():
-                t0 = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - t0)
-    return {k: round(batch / sorted(v)[len(v) // 2], 3) for k, v in times.items()} | {"batch": batch,
-                                                                                        "threads": torch.get_num_threads()}
+    return _alternate(runs, batch, reps, digits=3)
 
 
 def _time_both(net: torch.nn.Module, model, batch: int, seed: int, reps: int = 3) -> dict:
     """Pairs/s of the peer's forward pass and of the imported model's change_probability on the same batch, on
     this CPU, in this process, alternating (median of ``reps`` each, after one warm-up)."""
-    import time
-
     g = torch.Generator().manual_seed(seed)
     a, b = torch.rand(batch, 3, 256, 256, generator=g) * 255, torch.rand(batch, 3, 256, 256, generator=g) * 255
     runs = {"peer": lambda: net((a / 255 - 0.5) / 0.5, (b / 255 - 0.5) / 0.5), "imported": lambda: model.change_probability(a, b)}
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    with torch.inference_mode():
-        for fn in runs.values():
-            fn()
-        for _ in range(reps):
-            for key, fn in runs.items():
-                t0 = time.perf_counter()
-                fn()
-                times[key].append(time.perf_counter() - t0)
-    return {k: round(batch / sorted(v)[len(v) // 2], 2) for k, v in times.items()} | {"batch": batch,
-                                                                                        "threads": torch.get_num_threads()}
+    return _alternate(runs, batch, reps, digits=2)
 
 
 def main() -> int:

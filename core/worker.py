@@ -112,48 +112,51 @@ def probe() -> dict[str, Any]:
     return info
 
 
-def suggest(line: str, emit: Callable[[dict[str, Any]], None]) -> int:
-    """``--suggest``: one :class:`~changescribe.core.suggestion.SuggestionJob` line in, one
-    ``{"event": "suggestion", "caption"}`` (or error) line out: the Annotate panel's suggestion in this Python."""
+def _one_job(kind: str, line: str, emit: Callable[[dict[str, Any]], None],
+             run: Callable[[Any], dict[str, Any]]) -> int:
+    """One JSON job line in, ``run``'s event (or one error event) out: what ``--suggest`` and ``--import`` share.
+    A line that is not JSON is an input error naming the ``kind`` of job."""
     try:
-        from .suggestion import SuggestionJob, suggest_caption
-
-        job = json.loads(line)
-        if not isinstance(job, dict):
-            raise InputError("the suggestion job on stdin is not a JSON object")
-        emit({"event": "suggestion", "caption": suggest_caption(SuggestionJob.from_dict(job))})
+        emit(run(json.loads(line)))
         return EXIT_OK
     except BaseException as exc:  # noqa: BLE001 (every failure becomes one error event)
         if isinstance(exc, ValueError) and not isinstance(exc, ChangeScribeError):
-            exc = InputError(f"the suggestion job on stdin is not JSON: {exc}")
+            exc = InputError(f"the {kind} job on stdin is not JSON: {exc}")
         event = error_event(exc)
         if event["kind"] == "internal":
             traceback.print_exc(file=sys.stderr)
         emit(event)
         return EXIT_ERROR
+
+
+def suggest(line: str, emit: Callable[[dict[str, Any]], None]) -> int:
+    """``--suggest``: one :class:`~changescribe.core.suggestion.SuggestionJob` line in, one
+    ``{"event": "suggestion", "caption"}`` (or error) line out: the Annotate panel's suggestion in this Python."""
+
+    def run(job: Any) -> dict[str, Any]:
+        from .suggestion import SuggestionJob, suggest_caption
+
+        if not isinstance(job, dict):
+            raise InputError("the suggestion job on stdin is not a JSON object")
+        return {"event": "suggestion", "caption": suggest_caption(SuggestionJob.from_dict(job))}
+
+    return _one_job("suggestion", line, emit, run)
 
 
 def import_job(line: str, emit: Callable[[dict[str, Any]], None]) -> int:
     """``--import``: one ``{"checkpoint", "family", "folder", "name", "dataset", "word_map"}`` line in, one
     ``{"event": "imported", "card"}`` (or error) line out: the dock's *Import checkpoint…* in this Python."""
-    try:
+
+    def run(job: Any) -> dict[str, Any]:
         from .published import import_checkpoint
 
-        job = json.loads(line)
         if not isinstance(job, dict) or not {"checkpoint", "family", "folder"} <= set(job):
             raise InputError("the import job on stdin is not a JSON object with checkpoint, family and folder")
         card = import_checkpoint(job["checkpoint"], job["family"], job["folder"], name=job.get("name"),
                                  dataset=job.get("dataset"), word_map=job.get("word_map"))
-        emit({"event": "imported", "card": str(card)})
-        return EXIT_OK
-    except BaseException as exc:  # noqa: BLE001 (every failure becomes one error event)
-        if isinstance(exc, ValueError) and not isinstance(exc, ChangeScribeError):
-            exc = InputError(f"the import job on stdin is not JSON: {exc}")
-        event = error_event(exc)
-        if event["kind"] == "internal":
-            traceback.print_exc(file=sys.stderr)
-        emit(event)
-        return EXIT_ERROR
+        return {"event": "imported", "card": str(card)}
+
+    return _one_job("import", line, emit, run)
 
 
 class _Emitter:
