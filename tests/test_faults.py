@@ -550,7 +550,7 @@ def test_backbone_weights_that_need_unpickling_or_are_damaged_are_one_clear_erro
         match = "cannot be read as a torch checkpoint"
     Path("/tmp/changescribe-pwned").unlink(missing_ok=True)
     with pytest.raises(ModelError, match=match):
-        ResNetBackbone("resnet18", weights_path=path)
+        ResNetBackbone("resnet18").load_pretrained(path)
     assert not Path("/tmp/changescribe-pwned").exists()
 
 

@@ -34,7 +34,8 @@ def no_network(monkeypatch):
 def test_pretrained_weights_come_from_the_installed_package(no_network):
     path = efficientnet_lite0_weights()
     assert "site-packages" in str(path) and path.name.startswith("efficientnet-lite0-")
-    net = build_backbone("efficientnet-lite0", stages=4, weights_path="imagenet")
+    net = build_backbone("efficientnet-lite0", stages=4)
+    net.load_pretrained("imagenet")
     state = torch.load(path, map_location="cpu", weights_only=True)
     own = net.state_dict()
     assert own["_blocks.10._depthwise_conv.weight"].equal(state["_blocks.10._depthwise_conv.weight"])
@@ -48,7 +49,8 @@ def test_lite0_matches_the_reference_implementation(no_network):
     ref_pkg = pytest.importorskip("efficientnet_lite_pytorch")
     ref = ref_pkg.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(efficientnet_lite0_weights()))
     ref.eval()
-    ours = build_backbone("efficientnet-lite0", stages=4, weights_path="imagenet").eval()
+    ours = build_backbone("efficientnet-lite0", stages=4).eval()
+    ours.load_pretrained("imagenet")
     x = torch.randn(2, 3, 96, 128)
     with torch.no_grad():
         feats = ours(x)
@@ -64,7 +66,8 @@ def test_lite0_matches_the_reference_implementation(no_network):
 
 
 def test_frozen_blocks_keep_imagenet_statistics_while_training():
-    net = EfficientNetLiteBackbone(stages=3, weights_path=efficientnet_lite0_weights(), frozen=8)
+    net = EfficientNetLiteBackbone(stages=3, frozen=8)
+    net.load_pretrained(efficientnet_lite0_weights())
     before = net._blocks[3]._bn1.running_mean.clone()
     net.train()
     net(torch.randn(2, 3, 64, 64) * 3)
@@ -76,7 +79,7 @@ def test_frozen_blocks_keep_imagenet_statistics_while_training():
 def test_missing_package_weights_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="weights lack"):
         torch.save({"_conv_stem.weight": torch.zeros(32, 3, 3, 3)}, tmp_path / "w.pth")
-        EfficientNetLiteBackbone(stages=2, weights_path=tmp_path / "w.pth")
+        EfficientNetLiteBackbone(stages=2).load_pretrained(tmp_path / "w.pth")
 
 
 # ---- synthesis on real imagery -----------------------------------------------------------------------------------

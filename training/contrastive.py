@@ -16,7 +16,7 @@ of one place with MoCo-v2, as SSL4EO-S12 does for single dates. The pieces:
 The momentum update and the enqueue run inside ``forward`` (training mode only), as in MoCo, so the shared
 engine's loop drives it unchanged; with ``optim.accumulate`` > 1 the key encoder moves once per batch, not per
 optimiser step. Only the query extractor is kept (:func:`backbone_state_dict`, torchvision key layout), which
-:class:`ResNetBackbone` loads as SEN's ``backbone_weights``.
+:class:`ResNetBackbone` loads as SEN's backbone (``SEN.load_backbone``).
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class MoCo(nn.Module):
 
 def backbone_state_dict(backbone: ResNetBackbone) -> dict[str, torch.Tensor]:
     """The extractor's weights in torchvision's ResNet key layout (``conv1``, ``bn1``, ``layer1..4``), the
-    layout :meth:`ResNetBackbone.load_pretrained` reads, so SEN's ``backbone_weights`` takes the file as it is."""
+    layout :meth:`ResNetBackbone.load_pretrained` reads, so ``SEN.load_backbone`` takes the file as it is."""
     out = {}
     for k, v in backbone.state_dict().items():
         if k.startswith("layers."):

@@ -1,7 +1,8 @@
 """ResNet and EfficientNet-Lite feature extractors shared by all change models.
 
-Built from torchvision with ``weights=None`` (never downloads); ImageNet or any other weights come only
-from a local file (``torch.load(weights_only=True)`` or safetensors), so nothing is unpickled.
+Built from torchvision with ``weights=None`` (never downloads); a constructor only builds layers. ImageNet or any
+other weights are loaded afterwards by the backbone's ``load_pretrained(path)``, only from a local file
+(``torch.load(weights_only=True)`` or safetensors), so nothing is unpickled.
 
 Pix4Cap's paper says "ResNet32", which is not a standard ResNet depth. We read it as **ResNet-34** (the
 BasicBlock ResNet with [3, 4, 6, 3] blocks, 64..512 channels), the nearest standard network; the
@@ -91,11 +92,12 @@ class ResNetBackbone(nn.Module):
 
     ``stages=3`` drops layer4 (a light "ResNet-x-3" extractor, as SEN's ResNet101-3 or BIT's S4 variant);
     ``output_stride`` 8 or 16 replaces the last strides by dilation (BIT uses 8). ``channels`` and
-    ``strides`` report what each returned map has, so necks and decoders size themselves from them.
+    ``strides`` report what each returned map has, so necks and decoders size themselves from them. Pretrained
+    weights come after construction, through :meth:`load_pretrained`.
     """
 
     def __init__(self, name: str = "resnet18", in_channels: int = 3, stages: int = 4,
-                 output_stride: int = 32, weights_path: str | Path | None = None) -> None:
+                 output_stride: int = 32) -> None:
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"unknown backbone {name!r}; known: {sorted(RESNETS)}")
@@ -121,8 +123,6 @@ class ResNetBackbone(nn.Module):
                 strides.append(strides[-1] * 2)
         self.channels: tuple[int, ...] = tuple(channels[:stages])
         self.strides: tuple[int, ...] = tuple(strides)
-        if weights_path is not None:
-            self.load_pretrained(weights_path)
 
     @property
     def out_channels(self) -> int:
@@ -232,10 +232,10 @@ def efficientnet_lite0_weights() -> Path:
 class EfficientNetLiteBackbone(nn.Module):
     """Multi-scale EfficientNet-Lite0 features at strides 4, 8, 16, 32 (24, 40, 112, 320 channels), like
     :class:`ResNetBackbone`. ``frozen`` keeps the stem and the first ``frozen`` blocks fixed, and every batch-norm
-    of the backbone uses its ImageNet statistics: small CPU batches would only make them noisy."""
+    of the backbone uses its ImageNet statistics: small CPU batches would only make them noisy. Weights come after
+    construction, through :meth:`load_pretrained`; freezing does not depend on them."""
 
-    def __init__(self, in_channels: int = 3, stages: int = 3, weights_path: str | Path | None = None,
-                 frozen: int = 0) -> None:
+    def __init__(self, in_channels: int = 3, stages: int = 3, frozen: int = 0) -> None:
         super().__init__()
         if not 1 <= stages <= 4:
             raise ValueError("stages must be 1..4")
@@ -252,8 +252,6 @@ class EfficientNetLiteBackbone(nn.Module):
         self.channels: tuple[int, ...] = tuple(EFFICIENTNET_LITE0_BLOCKS[i][3] for i in self.stage_ends)
         self.strides: tuple[int, ...] = (4, 8, 16, 32)[:stages]
         self.frozen = max(0, min(int(frozen), len(blocks)))
-        if weights_path is not None:
-            self.load_pretrained(weights_path)
         if self.frozen:
             for p in [*self._conv_stem.parameters(), *self._bn0.parameters()]:
                 p.requires_grad_(False)
@@ -275,7 +273,10 @@ class EfficientNetLiteBackbone(nn.Module):
 
     def load_pretrained(self, path: str | Path) -> None:
         """EfficientNet-PyTorch-layout weights (``_conv_stem``, ``_blocks.N...``); the classifier head and blocks
-        past the kept stages are ignored, a missing tensor of a kept block is an error."""
+        past the kept stages are ignored, a missing tensor of a kept block is an error. ``"imagenet"`` means the
+        installed package's ImageNet weights."""
+        if str(path) == "imagenet":
+            path = efficientnet_lite0_weights()
         state = load_state_file(path)
         own = self.state_dict()
         mapped = {k: (adapt_stem_weight(v, self.in_channels) if k == "_conv_stem.weight" else v)
@@ -306,15 +307,13 @@ def input_normalisation(name: str) -> tuple[tuple[float, ...], tuple[float, ...]
 
 
 def build_backbone(name: str, in_channels: int = 3, stages: int = 4, output_stride: int = 32,
-                   weights_path: str | Path | None = None, frozen: int = 0) -> nn.Module:
-    """A ResNet (torchvision) or EfficientNet-Lite0 feature extractor by name; ``weights_path`` "imagenet" on
-    EfficientNet-Lite0 means the installed package's weights."""
+                   frozen: int = 0) -> ResNetBackbone | EfficientNetLiteBackbone:
+    """A ResNet (torchvision) or EfficientNet-Lite0 feature extractor by name, layers only: its
+    ``load_pretrained(path)`` reads weights (``"imagenet"`` on EfficientNet-Lite0: the installed package's)."""
     if name == "efficientnet-lite0":
         if output_stride != 32:
             raise ValueError("efficientnet-lite0 has no dilated variant (output_stride 32 only)")
-        if weights_path == "imagenet":
-            weights_path = efficientnet_lite0_weights()
-        return EfficientNetLiteBackbone(in_channels, stages, weights_path, frozen)
+        return EfficientNetLiteBackbone(in_channels, stages, frozen)
     if frozen:
         raise ValueError(f"backbone freezing is implemented for efficientnet-lite0 only, not {name!r}")
-    return ResNetBackbone(name, in_channels, stages, output_stride, weights_path)
+    return ResNetBackbone(name, in_channels, stages, output_stride)

@@ -18,6 +18,7 @@ are not dilated (its BasicBlock ignores the dilation: ``backbone_dilation=False`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -73,12 +74,11 @@ class BitCDFeatures:
 class BitCD(ChangeNetwork):
     """BIT change detector; ``forward(before, after)`` -> logits (B, num_classes, H, W) on normalised input."""
 
-    def __init__(self, cfg: BitCDConfig | None = None, backbone_weights: str | None = None) -> None:
+    def __init__(self, cfg: BitCDConfig | None = None) -> None:
         super().__init__()
         cfg = cfg or BitCDConfig()
         self.cfg = cfg
-        self.backbone = ResNetBackbone(cfg.backbone, cfg.in_channels, cfg.backbone_stages, cfg.output_stride,
-                                       backbone_weights)
+        self.backbone = ResNetBackbone(cfg.backbone, cfg.in_channels, cfg.backbone_stages, cfg.output_stride)
         if not cfg.backbone_dilation:
             _undilate(self.backbone)
         if cfg.attention_scale not in ATTENTION_SCALES:
@@ -97,6 +97,10 @@ class BitCD(ChangeNetwork):
                           scale=scale) for _ in range(cfg.dec_depth)])
         self.head = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
                                   nn.Conv2d(c, cfg.num_classes, 3, padding=1))
+
+    def load_backbone(self, path: str | Path) -> None:
+        """torchvision-layout ResNet weights (ImageNet) for the siamese backbone."""
+        self.backbone.load_pretrained(path)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         f = self.backbone(x)[-1]

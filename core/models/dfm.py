@@ -127,7 +127,7 @@ class DFM(ChangeNetwork):
 
     can_caption = True
 
-    def __init__(self, cfg: DFMConfig | None = None, backbone_weights: str | None = None) -> None:
+    def __init__(self, cfg: DFMConfig | None = None) -> None:
         super().__init__()
         cfg = cfg or DFMConfig()
         self.cfg = cfg
@@ -135,8 +135,7 @@ class DFM(ChangeNetwork):
         self.vit = ClipViT(cfg.in_channels, cfg.vit_patch, cfg.vit_width, cfg.vit_layers, cfg.vit_heads,
                            grid=cfg.vit_grid, activation=cfg.vit_activation)
         bit_cfg = dataclasses.replace(BitCDConfig(), in_channels=cfg.in_channels, **dict(cfg.cd_overrides))
-        # backbone_weights (ImageNet ResNet, local file) go to the CD encoder's backbone
-        self.cd = BitCD(bit_cfg, backbone_weights)
+        self.cd = BitCD(bit_cfg)
         self.vis_proj = nn.Identity() if cfg.vit_width == d else nn.Linear(cfg.vit_width, d)
         self.pos = LearnedPosition2D(d, cfg.max_grid)
         self.time = nn.Parameter(torch.zeros(2, d))
@@ -157,6 +156,10 @@ class DFM(ChangeNetwork):
     @property
     def default_beam_size(self) -> int:
         return self.cfg.beam_size
+
+    def load_backbone(self, path: str | Path) -> None:
+        """ImageNet ResNet weights for the CD encoder's backbone (the ViT's come from ``clip_checkpoint``)."""
+        self.cd.load_backbone(path)
 
     def load_pretrained(self) -> None:
         """The ViT from ``clip_checkpoint`` when the config names one (the CD encoder's weights come from a bit-cd

@@ -5,10 +5,12 @@ training and benchmarks) read ``can_detect``, ``can_caption`` and ``default_beam
 attributes with defaults.
 
 It also separates building from loading. A constructor only builds layers from its config; it never reads a
-checkpoint. Reading the LOCAL pretrained checkpoints a config names is an explicit step after construction, taken
-by whoever needs it:
+file. Reading LOCAL pretrained weights is an explicit step after construction, taken by whoever needs it:
 
-* a training recipe that starts from pretrained parts calls :meth:`ChangeNetwork.load_pretrained`;
+* a training recipe that starts from a pretrained backbone (ImageNet, sen-pretrain, SAM) calls
+  :meth:`ChangeNetwork.load_backbone` with the file (``registry.build_model(backbone_weights=...)`` does it);
+* a training recipe that starts from the pretrained parts its config names calls
+  :meth:`ChangeNetwork.load_pretrained`;
 * loading a model file calls :meth:`ChangeNetwork.load_external_weights` (only the parts the file leaves out,
   e.g. Semantic-CC's frozen SAM encoder), then loads the file's state dict;
 * counting parameters on the meta device reads nothing.
@@ -16,6 +18,7 @@ by whoever needs it:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import nn
@@ -44,6 +47,11 @@ class ChangeNetwork(nn.Module):
 
     def attach_vocabulary(self, vocabulary: Any) -> None:
         """Hand the model file's word vocabulary to a network that decodes its own text; others keep it outside."""
+
+    def load_backbone(self, path: str | Path) -> None:
+        """Load a LOCAL pretrained backbone file into the network's feature extractor (each architecture knows
+        which module that is and which layout its file has); the rest of the network keeps its initialisation."""
+        raise ValueError(f"{type(self).__name__} has no backbone that takes pretrained weights")
 
     def load_external_weights(self) -> None:
         """Read the pretrained tensors that model files leave out (frozen parts re-read from the LOCAL checkpoints

@@ -19,6 +19,7 @@ default, and SEN's ablation found N_d = 1 best). "ResNet32" is read as ResNet-34
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -161,12 +162,12 @@ class Pix4Cap(ChangeNetwork):
 
     can_caption = True
 
-    def __init__(self, cfg: Pix4CapConfig | None = None, backbone_weights: str | None = None) -> None:
+    def __init__(self, cfg: Pix4CapConfig | None = None) -> None:
         super().__init__()
         cfg = cfg or Pix4CapConfig()
         self.cfg = cfg
-        self.backbone = build_backbone(cfg.backbone, cfg.in_channels, cfg.backbone_stages, 32, backbone_weights,
-                                       cfg.backbone_frozen)
+        self.backbone = build_backbone(cfg.backbone, cfg.in_channels, cfg.backbone_stages, 32,
+                                       frozen=cfg.backbone_frozen)
         chans = self.backbone.channels
         btf = tuple(cfg.btf_channels) if cfg.btf_channels else chans
         if len(btf) != len(chans):
@@ -176,6 +177,11 @@ class Pix4Cap(ChangeNetwork):
         self.sfa = SemanticFusionAugment(chans[-1], btf[-1], cfg)
         self.decoder = CaptionDecoder(cfg.vocab_size, cfg.d_model, cfg.heads, cfg.decoder_layers, cfg.ffn_dim,
                                       cfg.dropout, cfg.max_caption_length, cfg.layer_residual, cfg.tie_embeddings)
+
+    def load_backbone(self, path: str | Path) -> None:
+        """The siamese backbone's weights: a torchvision-layout ResNet file, or EfficientNet-Lite0 weights
+        (``"imagenet"``: the installed package's)."""
+        self.backbone.load_pretrained(path)
 
     def encode(self, before: torch.Tensor, after: torch.Tensor) -> Pix4CapFeatures:
         b = before.shape[0]

@@ -22,8 +22,8 @@ from .rsiccformer import RSICCformer, RSICCformerConfig
 from .semantic_cc import WEIGHTS_NOTE, SemanticCC, SemanticCCConfig, sam_config
 from .sen import SEN, SENConfig
 
-# The architecture's class: builder(config, backbone_weights=None) builds its layers; pretrained checkpoints that
-# the config names are read afterwards, by whoever needs them (ChangeNetwork.load_pretrained / load_external_weights).
+# The architecture's class: builder(config) only builds its layers and reads no file; weights are loaded afterwards,
+# by whoever needs them (ChangeNetwork.load_backbone / load_pretrained / load_external_weights).
 Builder = type[ChangeNetwork]
 
 
@@ -86,8 +86,9 @@ def build_model(name: str, config: Any = None, *, input_spec: Any = None, vocabu
     """Build a registered model -> (module, config actually used).
 
     ``input_spec.bands`` sets ``in_channels`` and ``len(vocabulary)`` sets ``vocab_size`` so the returned
-    config alone rebuilds the module. ``backbone_weights`` is a LOCAL file (never a download) and is not
-    stored in the config: the model file carries the trained weights. Checkpoints the config names (DFM's
+    config alone rebuilds the module. ``backbone_weights`` is a LOCAL file (never a download) that the built
+    module's :meth:`~.network.ChangeNetwork.load_backbone` reads; it is not stored in the config: the model file
+    carries the trained weights. Checkpoints the config names (DFM's
     ``clip_checkpoint``, Semantic-CC's ``sam_checkpoint`` / ``qformer_checkpoint``) are not read here: a recipe
     calls the module's ``load_pretrained()``, model-file loading its ``load_external_weights()``.
     """
@@ -101,7 +102,9 @@ def build_model(name: str, config: Any = None, *, input_spec: Any = None, vocabu
     if vocabulary is not None and hasattr(cfg, "vocab_size"):
         changes["vocab_size"] = len(vocabulary)
     cfg = dataclasses.replace(cfg, **changes)
-    module = entry.builder(cfg, backbone_weights=backbone_weights)
+    module = entry.builder(cfg)
+    if backbone_weights is not None:
+        module.load_backbone(backbone_weights)
     if vocabulary is not None:  # Semantic-CC's word-level tokenizer
         module.attach_vocabulary(vocabulary)
     return module, cfg

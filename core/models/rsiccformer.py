@@ -20,6 +20,7 @@ Caption only: it has no change head and runs paired with a change detector (``pa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -75,13 +76,13 @@ class RSICCformer(ChangeNetwork):
     can_caption = True
     can_detect = False
 
-    def __init__(self, cfg: RSICCformerConfig | None = None, backbone_weights: str | None = None) -> None:
+    def __init__(self, cfg: RSICCformerConfig | None = None) -> None:
         super().__init__()
         cfg = cfg or RSICCformerConfig()
         if cfg.d_model % 2:
             raise ValueError("d_model must be even (its position code is two halves)")
         self.cfg = cfg
-        self.extractor = ResNetBackbone(cfg.backbone, cfg.in_channels, cfg.backbone_stages, 32, backbone_weights)
+        self.extractor = ResNetBackbone(cfg.backbone, cfg.in_channels, cfg.backbone_stages, 32)
         d = cfg.d_model
         self.proj = nn.Conv2d(self.extractor.out_channels, d, 1)
         self.col_embed = nn.Embedding(cfg.grid, d // 2)
@@ -91,6 +92,10 @@ class RSICCformer(ChangeNetwork):
         self.fuse_norm = nn.ModuleList([nn.LayerNorm(2 * d) for _ in range(cfg.layers)])
         self.decoder = CaptionDecoder(cfg.vocab_size, 2 * d, cfg.decoder_heads, cfg.decoder_layers, 8 * d,
                                       cfg.dropout, cfg.max_caption_length, layer_residual=False)
+
+    def load_backbone(self, path: str | Path) -> None:
+        """torchvision-layout ResNet weights (ImageNet) for the extractor."""
+        self.extractor.load_pretrained(path)
 
     def _image_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """One image -> (B, grid*grid, d_model) projected tokens with the position code."""

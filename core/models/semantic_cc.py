@@ -332,13 +332,14 @@ def _on_meta() -> bool:
 class SemanticCC(ChangeNetwork):
     """Semantic-CC on normalised inputs; ``forward(before, after, tokens)`` -> (cd_logits, caption_logits).
 
-    ``backbone_weights`` (a LOCAL SAM checkpoint) stands in for ``sam_checkpoint`` when the config names none; it
-    is read by :meth:`load_pretrained`, never by the constructor.
+    :meth:`load_backbone` (a LOCAL SAM checkpoint) initialises the encoder of a network whose config names no
+    ``sam_checkpoint``. The constructor reads no checkpoint; only a pretrained LLM (``llm_path``) is built from its
+    folder, since transformers builds it there.
     """
 
     can_caption = True
 
-    def __init__(self, cfg: SemanticCCConfig | None = None, backbone_weights: str | None = None) -> None:
+    def __init__(self, cfg: SemanticCCConfig | None = None) -> None:
         super().__init__()
         cfg = cfg or SemanticCCConfig()
         self.cfg = cfg
@@ -352,7 +353,6 @@ class SemanticCC(ChangeNetwork):
         self.cd_decoder = MultiScaleChangeDecoder(cfg.neck_channels, cfg.fpn_channels, cfg.cd_channels,
                                                   cfg.num_classes)
         self._build_caption_branch(cfg)
-        self.backbone_weights = backbone_weights
         if cfg.freeze_pretrained:
             self.encoder.freeze_pretrained()
             self.qformer.requires_grad_(False)
@@ -437,13 +437,17 @@ class SemanticCC(ChangeNetwork):
         if self.cfg.qformer_checkpoint and self.cfg.freeze_pretrained:
             load_qformer(self, self.cfg.qformer_checkpoint)
 
+    def load_backbone(self, path: str | Path) -> None:
+        """SAM's encoder from a LOCAL SAM checkpoint, to start training from (its tensors then go into the model
+        file). A config that names ``sam_checkpoint`` keeps that one: :meth:`load_external_weights` reads it, so
+        ``path`` is not read."""
+        if not self.cfg.sam_checkpoint:
+            load_sam_encoder(self.encoder, path)
+
     def load_pretrained(self) -> None:
-        """The external tensors, plus the parts a recipe starts from and then trains: SAM's encoder from
-        ``backbone_weights`` when the config names no ``sam_checkpoint``, an unfrozen Q-Former from
+        """The external tensors, plus the parts a recipe starts from and then trains: an unfrozen Q-Former from
         ``qformer_checkpoint``."""
         super().load_pretrained()
-        if self.backbone_weights and not self.cfg.sam_checkpoint:
-            load_sam_encoder(self.encoder, self.backbone_weights)
         if self.cfg.qformer_checkpoint and not self.cfg.freeze_pretrained:
             load_qformer(self, self.cfg.qformer_checkpoint)
 

@@ -35,6 +35,7 @@ pairs it with a change detector (:class:`..pairing.PairedChangeModel`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -140,14 +141,13 @@ class SEN(ChangeNetwork):
     can_caption = True
     can_detect = False
 
-    def __init__(self, cfg: SENConfig | None = None, backbone_weights: str | None = None) -> None:
+    def __init__(self, cfg: SENConfig | None = None) -> None:
         super().__init__()
         cfg = cfg or SENConfig()
         if cfg.input_order not in ("after_before", "before_after"):
             raise ValueError("input_order must be 'after_before' (Eq. 2) or 'before_after'")
         self.cfg = cfg
-        self.extractor = ResNetBackbone(cfg.backbone, 2 * cfg.in_channels, cfg.backbone_stages, 32,
-                                        backbone_weights)
+        self.extractor = ResNetBackbone(cfg.backbone, 2 * cfg.in_channels, cfg.backbone_stages, 32)
         d = cfg.d_model
         self.proj = nn.Conv2d(self.extractor.out_channels, d, 1)  # P
         self.sfe = ShallowFeatureEmbedding(cfg.in_channels, d, cfg.sfe_kernel, cfg.ca_reduction)
@@ -162,6 +162,11 @@ class SEN(ChangeNetwork):
     @property
     def default_beam_size(self) -> int:
         return self.cfg.beam_size
+
+    def load_backbone(self, path: str | Path) -> None:
+        """The single-stream extractor from a sen-pretrain file or torchvision-layout ResNet weights (the 3-band
+        stem kernel is spread over the stacked pair's bands)."""
+        self.extractor.load_pretrained(path)
 
     def encode(self, before: torch.Tensor, after: torch.Tensor) -> SENFeatures:
         pair = (after, before) if self.cfg.input_order == "after_before" else (before, after)
