@@ -324,6 +324,171 @@ def run_rsiccformer(args: argparse.Namespace) -> dict:
     return results
 
 
+class _CudaIsCpu:
+    """Shim for peers that call ``.cuda()`` on tensors they make (Change-Agent's position codes and decoding buffers):
+    inside the block ``Tensor.cuda`` returns the tensor itself, so the peer's code runs unchanged on this CPU."""
+
+    def __enter__(self) -> None:
+        self.saved = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *_, **__: t
+
+    def __exit__(self, *_: object) -> None:
+        torch.Tensor.cuda = self.saved
+
+
+def _peer_change_agent(peer: Path, word_vocab: dict[str, int], max_length: int):
+    """Change-Agent's three modules as its predict.py builds them (Encoder('segformer-mit_b1'), AttentiveEncoder,
+    DecoderTransformer with its defaults), on the CPU.
+
+    Shims: segformer.py imports mmseg's logger and mmcv's checkpoint loader, which only its unused init_weights
+    calls: stand-in modules. Its Segformer_baseline reads ImageNet MiT weights (model/pretrained/mit_b1.pth, a
+    Git LFS file not in the repository) while it is built: that read returns no weights, so the MiT keeps its random
+    initialisation, as built with pretrained=False (every weight is randomised anyway)."""
+    for name in ("mmseg", "mmseg.utils", "mmcv", "mmcv.runner"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules["mmseg.utils"].get_root_logger = None
+    sys.modules["mmcv.runner"].load_checkpoint = None
+    sys.path.insert(0, str(peer))
+    from model.model_decoder import DecoderTransformer  # the peer's own code
+    from model.model_encoder_att import AttentiveEncoder, Encoder
+
+    load = torch.load
+    torch.load = lambda *_, **__: {"head.weight": torch.zeros(1000, 512), "head.bias": torch.zeros(1000)}
+    try:
+        enc = Encoder("segformer-mit_b1")
+    finally:
+        torch.load = load
+    trans = AttentiveEncoder(train_stage=None, n_layers=3, feature_size=[16, 16, 512], heads=8, dropout=0.1)
+    dec = DecoderTransformer(encoder_dim=512, feature_dim=512, vocab_size=len(word_vocab), max_lengths=max_length,
+                             word_vocab=word_vocab, n_head=8, n_layers=1, dropout=0.1)
+    return enc.eval(), trans.eval(), dec.eval()
+
+
+# its predict.py's statistics, kept in float64 (as its Python floats are) until the input's dtype is known
+MCI_MEAN = torch.tensor([0.39073 * 255, 0.38623 * 255, 0.32989 * 255], dtype=torch.float64)[:, None, None]
+MCI_STD = torch.tensor([0.15329 * 255, 0.14628 * 255, 0.13648 * 255], dtype=torch.float64)[:, None, None]
+
+
+def _peer_mci(enc, trans, dec, a: torch.Tensor, b: torch.Tensor, caption: bool = True):
+    """Change-Agent on one raw 0..255 pair (1, 3, H, W): its class logits (1, 3, H, W) and, with ``caption``, the
+    word ids of its greedy sample() (after <START>, up to <END>): one encoder pass, as its test.py does."""
+    mean, std = MCI_MEAN.to(a.dtype), MCI_STD.to(a.dtype)
+    with _CudaIsCpu():
+        f1, f2 = enc((a - mean) / std, (b - mean) / std)
+        c1, c2, seg = trans(f1, f2)
+        ids = dec.sample(c1, c2, k=1)[1:] if caption else []
+    end = dec.word_vocab["<END>"]
+    return seg, ids[:ids.index(end)] if end in ids else ids
+
+
+def run_change_agent_mci(args: argparse.Namespace) -> dict:
+    from changescribe.core.cli import main as cli_main
+    from changescribe.core.model_api import normalise
+    from changescribe.core.model_loading import load_model_file
+
+    torch.manual_seed(args.seed)
+    peer = Path(args.peer)
+    vocab_file = peer / "data" / "LEVIR_MCI" / "vocab.json"
+    word_vocab = json.loads(vocab_file.read_text())
+    max_length = 41  # its --max_length default (train.py, test.py, predict.py)
+    enc, trans, dec = _peer_change_agent(peer, word_vocab, max_length)
+    for i, net in enumerate((enc, trans, dec)):
+        _randomise(net, args.seed + i)
+    with torch.no_grad():  # sharper cross-attention and word scores, so that the captions depend on the pair
+        for layer in dec.transformer.layers:
+            layer.multihead_attn.in_proj_weight.mul_(args.sharpen)
+        dec.wdc.weight.mul_(args.sharpen)
+    results = {"family": "change-agent-mci", "peer_commit": args.commit or _commit(peer),
+               "vocabulary": len(word_vocab)}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "MCI_model.pth"
+        parts = {"encoder_dict": enc, "encoder_trans_dict": trans, "decoder_dict": dec}
+        torch.save({k: m.state_dict() for k, m in parts.items()}, ckpt)  # its train.py's checkpoint
+        (Path(tmp) / "vocab.json").write_text(vocab_file.read_text())
+        if args.manifest:
+            saved = torch.load(ckpt, weights_only=True)
+            names = {"encoder_dict": "encoder", "encoder_trans_dict": "encoder_trans", "decoder_dict": "decoder"}
+            manifest = {"family": "change-agent-mci", "repository": "https://github.com/Chen-Yang-Liu/Change-Agent",
+                        "commit": results["peer_commit"], "variant": "segformer-mit_b1", "container": sorted(saved),
+                        "parts": names, "vocabulary": len(word_vocab), "max_length": max_length,
+                        "keys": [[f"{names[part]}.{k}", list(v.shape), str(v.dtype).removeprefix("torch.")]
+                                 for part in names for k, v in saved[part].items()]}
+            MANIFESTS.mkdir(parents=True, exist_ok=True)
+            out = MANIFESTS / "change_agent_mci_segformer-mit_b1.json"
+            out.write_text(_manifest_text(manifest))
+            results["manifest"] = str(out.relative_to(REPO))
+        code = cli_main(["models", "import", str(ckpt), "--from", "change-agent-mci", "--folder", tmp, "--name",
+                         "mci-test"])
+        if code:
+            raise SystemExit(f"import failed with exit code {code}")
+        model = load_model_file(Path(tmp) / "mci-test.json")
+        rev = {i: w for w, i in word_vocab.items()}
+        pairs_dir = Path(args.pairs)
+        pairs = _pairs(pairs_dir.parent, None, args.random_pairs, args.seed, pairs_dir.name)
+        worst, worst_change, masks_equal, same_all, spread = 0.0, 0.0, True, True, []
+        for name, a, b in pairs:
+            ta = torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float()
+            tb = torch.from_numpy(b.copy()).permute(2, 0, 1)[None].float()
+            with torch.no_grad():
+                seg, peer_ids = _peer_mci(enc, trans, dec, ta, tb)
+                feats = model.module.encode(normalise(ta, model.input_spec), normalise(tb, model.input_spec))
+                ours = model.module.class_logits(feats)
+                our_ids = model.module.decoder.generate(model.module.caption_memory(feats)[0])[0].tolist()
+            our_ids = our_ids[:our_ids.index(3)] if 3 in our_ids else our_ids  # <END>
+            diff = float((seg.softmax(1) - ours.softmax(1)).abs().max())
+            pred = model.predict(ta, tb, with_captions=True)  # the pipeline's path: one encoder pass, both heads
+            peer_change = (seg[:, 1:].amax(1) - seg[:, 0]).sigmoid()
+            change_diff = float((peer_change - pred.probability).abs().max())
+            decided = (peer_change - 0.5).abs() > 1e-4
+            same_mask = bool(torch.equal((seg.argmax(1) != 0)[decided], (pred.probability > 0.5)[decided]))
+            # its predict.py's text (minus <UNK>, which ChangeScribe's vocabulary never writes out); the word map's
+            # ids are the vocabulary's here (its specials are ours, at 0..3), so the id sequences compare directly
+            words = [rev[i] for i in peer_ids if rev[i] not in ("<NULL>", "<UNK>", "<START>", "<END>")]
+            same = peer_ids == our_ids and pred.captions[0].split() == words
+            worst, worst_change = max(worst, diff), max(worst_change, change_diff)
+            masks_equal, same_all = masks_equal and same_mask, same_all and same
+            spread.append(float(peer_change.std()))
+            print(f"{name:20s} max |p_peer - p_ours| 3 classes {diff:.2e}, change {change_diff:.2e}  masks equal: "
+                  f"{same_mask}  captions equal: {same}  change share {float((seg.argmax(1) != 0).float().mean()):.2f}"
+                  f"  peer: {' '.join(words)[:50]!r}")
+        worst64 = 0.0  # the same in float64: what remains of the float32 difference is rounding, not the ops
+        enc.double(), trans.double(), dec.double(), model.module.double()
+        for name, a, b in pairs:
+            ta = torch.from_numpy(a.copy()).permute(2, 0, 1)[None].double()
+            tb = torch.from_numpy(b.copy()).permute(2, 0, 1)[None].double()
+            with torch.no_grad():
+                seg, _ = _peer_mci(enc, trans, dec, ta, tb, caption=False)
+                spec = model.input_spec
+                m64 = torch.tensor(spec.mean, dtype=torch.float64)[:, None, None]
+                s64 = torch.tensor(spec.std, dtype=torch.float64)[:, None, None]
+                feats = model.module.encode((ta - m64) / s64, (tb - m64) / s64)
+                ours = model.module.class_logits(feats)
+            worst64 = max(worst64, float((seg.softmax(1) - ours.softmax(1)).abs().max()))
+        if args.time_batch:
+            enc.float(), trans.float(), dec.float(), model.module.float()
+            results["pairs_per_s"] = _time_mci(enc, trans, dec, model, args.time_batch, args.seed)
+    results.update(pairs=len(pairs), max_abs_diff=worst, max_abs_diff_change=worst_change,
+                   max_abs_diff_float64=worst64, masks_equal=masks_equal, captions_equal=same_all,
+                   probability_std_min=min(spread),
+                   ok=worst < 1e-4 and worst_change < 1e-4 and masks_equal and same_all and worst64 < 1e-9)
+    return results
+
+
+def _time_mci(enc, trans, dec, model, batch: int, seed: int, reps: int = 3) -> dict:
+    """Pairs/s of mask + caption: Change-Agent's predict.py (one pair at a time, the whole encoder once for the
+    caption and again for the mask) and the imported model's predict (one batch, one encoder pass), alternating."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.rand(batch, 3, 256, 256, generator=g) * 255, torch.rand(batch, 3, 256, 256, generator=g) * 255
+
+    def peer() -> None:
+        for i in range(batch):
+            _peer_mci(enc, trans, dec, a[i:i + 1], b[i:i + 1])  # generate_change_caption
+            _peer_mci(enc, trans, dec, a[i:i + 1], b[i:i + 1], caption=False)  # change_detection
+
+    runs = {"peer": peer, "imported": lambda: model.predict(a, b, with_captions=True)}
+    return _alternate(runs, batch, reps, digits=3)
+
+
 def _alternate(runs: dict, batch: int, reps: int, digits: int) -> dict:
     """Pairs/s of each of ``runs`` (callables over the same ``batch`` pairs), alternating after one warm-up each:
     the median of ``reps`` runs, so both sides see the same load on a shared CPU."""
@@ -370,8 +535,10 @@ def _time_both(net: torch.nn.Module, model, batch: int, seed: int, reps: int = 3
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("family", choices=["bit", "rsiccformer"])
-    p.add_argument("peer", help="a checkout of the peer's code (BIT_CD, RSICC)")
+    p.add_argument("family", choices=["bit", "rsiccformer", "change-agent-mci"])
+    p.add_argument("peer", help="a checkout of the peer's code (BIT_CD, RSICC, Change-Agent's Multi_change folder)")
+    p.add_argument("--pairs", default=str(REPO.parent / "shared" / "data" / "levircc"),
+                   help="change-agent-mci: a folder with A/ and B/ image pairs (default: LEVIR-CC pairs in shared/)")
     p.add_argument("--captions", default=str(REPO.parent / "shared" / "data" / "levircc_captions.json"),
                    help="rsiccformer: LEVIR-CC captions (its words make the word map)")
     p.add_argument("--variant", default="base_transformer_pos_s4_dd8_dedim8",
@@ -386,7 +553,8 @@ def main() -> int:
     p.add_argument("--manifest", action="store_true", help="also write tests/data/published/<family>_<variant>.json")
     args = p.parse_args()
     torch.set_num_threads(2)
-    results = run_bit(args) if args.family == "bit" else run_rsiccformer(args)
+    runs = {"bit": run_bit, "rsiccformer": run_rsiccformer, "change-agent-mci": run_change_agent_mci}
+    results = runs[args.family](args)
     print(json.dumps(results))
     return 0 if results["ok"] else 1
 

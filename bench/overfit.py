@@ -70,6 +70,9 @@ TINY: dict[str, dict] = {
     "semantic-cc-vit-l": _SEMANTIC_CC, "semantic-cc-vit-b": _SEMANTIC_CC, "semantic-cc-small": _SEMANTIC_CC,
     # RSICCformer's layout on a ResNet-18-3 (256 channels), 128-wide, an 8 x 8 grid, 2 cross layers
     "rsiccformer": dict(backbone="resnet18", grid=8, d_model=128, heads=4, layers=2, decoder_heads=4, dropout=0.1),
+    # Change-Agent's layout on MiT-B0 (32..256 wide), one block pair per branch, 128-wide decoder, binary masks
+    "change-agent-mci": dict(backbone="mit_b0", heads=4, layers=1, cd_layers=1, num_classes=2, d_model=128,
+                             dropout=0.1),
 }
 # Semantic-CC's word-level LLM learns more slowly per step than the small Transformer decoders.
 LEARNING_RATE = {"semantic-cc": 5e-4}

@@ -233,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "family's first: " + ", ".join(f"{f.name}: {'/'.join(f.datasets)}" for f in FAMILIES.values())
                         + ")")
     i.add_argument("--word-map", default=None,
-                   help="a captioner's word map (rsiccformer: WORDMAP_*.json; default: the one beside the checkpoint "
-                        "or in its ../data folder)")
+                   help="a captioner's word map (rsiccformer: WORDMAP_*.json; change-agent-mci: LEVIR_MCI/"
+                        "vocab.json; default: the one beside the checkpoint or in its ../data folder)")
     i.add_argument("--folder", default=None, help="where to write NAME.json + NAME.safetensors (default: the first "
                                                   "folder of $CHANGESCRIBE_MODEL_PATH, else the current folder); an "
                                                   "existing model file is never replaced")

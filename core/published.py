@@ -54,7 +54,8 @@ class Family:
     datasets: dict[str, DatasetFacts] = field(default_factory=dict)
     # a captioner without a change head: the detector its card pairs it with (a model name, resolved on loading)
     pair_with: str | None = None
-    # the file that names a captioner's words when its checkpoint does not (RSICC: data/WORDMAP_*.json)
+    # the file that names a captioner's words when its checkpoint does not (RSICC: data/WORDMAP_*.json; Change-Agent:
+    # data/LEVIR_MCI/vocab.json), a glob beside the checkpoint or in its data/ sibling
     word_map_glob: str | None = None
     # its trainer pickles whole nn.Module objects (RSICC): read with the restricted unpickler, never weights_only=False
     pickled_modules: bool = False
@@ -113,7 +114,32 @@ RSICCFORMER = Family(
     pickled_modules=True,
 )
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (BIT, RSICCFORMER)}
+CHANGE_AGENT_MCI = Family(
+    name="change-agent-mci",
+    architecture="change-agent-mci",
+    title="Change-Agent MCI (Chen-Yang-Liu/Change-Agent)",
+    paper="Liu, Chen, Zhang, Qi, Zou & Shi, 'Change-Agent: Toward Interactive Comprehensive Remote Sensing Change "
+          "Interpretation and Analysis', IEEE TGRS 2024",
+    repository="https://github.com/Chen-Yang-Liu/Change-Agent",
+    commit="1b0b601352e325a43b697db209dfd492385b5f92",
+    licence="Change-Agent: MIT licence (LICENSE.txt); its README adds that the code can be used for academic "
+            "purposes only",
+    weights_terms="no separate terms stated for MCI_model.pth; the repository's README limits use to academic "
+                  "purposes",
+    # its data loader and predict.py: (x - mean) / std on the 0..255 scale with LEVIR-MCI's statistics
+    mean=(0.39073 * 255, 0.38623 * 255, 0.32989 * 255), std=(0.15329 * 255, 0.14628 * 255, 0.13648 * 255),
+    tile_size=256,
+    datasets={"LEVIR-MCI": DatasetFacts(
+        name="LEVIR-MCI", gsd=0.5,
+        metrics={},  # the paper's mIoU and BLEU/METEOR/ROUGE-L/CIDEr are not recorded: not checked against a source
+        split="LEVIR-MCI test split, 256 px pairs",
+        checkpoint="Multi_change/models_ckpt/MCI_model.pth (its encoder, encoder_trans and decoder state dicts) from "
+                   "Hugging Face lcybuaa/Change-Agent, with the word map Multi_change/data/LEVIR_MCI/vocab.json of the "
+                   "repository, linked from the Change-Agent README")},
+    word_map_glob="LEVIR_MCI/vocab.json",
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (BIT, RSICCFORMER, CHANGE_AGENT_MCI)}
 
 
 def get_family(name: str) -> Family:
@@ -169,15 +195,18 @@ def check_destination(folder: str | os.PathLike, name: str) -> tuple[Path, Path]
 
 
 def find_word_map(family: Family, checkpoint: Path, word_map: str | os.PathLike | None) -> dict[str, int] | None:
-    """A captioner family's word map: the file given, else the one ``WORDMAP_*.json`` beside the checkpoint or in
-    its ``data/`` sibling (where RSICC's scripts put it); None for a family that needs none."""
+    """A captioner family's word map: the file given, else the one its glob finds beside the checkpoint (also
+    without the glob's folders) or in its ``data/`` sibling (where RSICC's and Change-Agent's scripts put it); None
+    for a family that needs none."""
     import json
 
     if family.word_map_glob is None:
         return None
     if word_map is None:
-        found = sorted({p for d in (checkpoint.parent, checkpoint.parent.parent / "data")
-                        for p in d.glob(family.word_map_glob)})
+        name = Path(family.word_map_glob).name
+        found = sorted({p for d, glob in ((checkpoint.parent, name), (checkpoint.parent, family.word_map_glob),
+                                          (checkpoint.parent.parent / "data", family.word_map_glob))
+                        for p in d.glob(glob)})
         if len(found) != 1:
             raise InputError(f"{family.name} checkpoints name their words in a separate word map ({family.word_map_glob}"
                              f"); {'none' if not found else 'several'} beside {checkpoint}: pass --word-map FILE")
@@ -214,12 +243,12 @@ def import_checkpoint(checkpoint: str | os.PathLike, family: str, folder: str | 
     from .model_api import InputSpec
     from .model_file import read_card, save_model_file, sha256_file
     from .model_loading import build_from_card
-    from .models.converters import convert, word_map_vocabulary
+    from .models.converters import convert, family_vocabulary
 
     words = find_word_map(fam, source, word_map)
     raw = load_torch_file(source, modules=fam.pickled_modules)  # tensors and plain containers only
     module, config = convert(fam.name, raw, str(source), word_map=words)
-    vocabulary = word_map_vocabulary(words, str(source))[0] if words is not None else None
+    vocabulary = family_vocabulary(fam.name, words, config, str(source)) if words is not None else None
     spec = InputSpec(bands=3, mean=fam.mean, std=fam.std, tile_size=fam.tile_size, gsd=facts.gsd)
     folder = Path(folder)
     try:
@@ -232,7 +261,8 @@ def import_checkpoint(checkpoint: str | os.PathLike, family: str, folder: str | 
             tmp / card_path.name, module, fam.architecture, config, spec, vocabulary, name=name, version="1",
             description=f"{fam.title}, imported from its published {dataset} checkpoint: "
                         + ("change mask only." if vocabulary is None else
-                           f"captions only, paired with the change detector {fam.pair_with!r} (its change mask)."),
+                           f"captions only, paired with the change detector {fam.pair_with!r} (its change mask)."
+                           if fam.pair_with else "change mask and captions from one encoder pass."),
             training_data=f"{dataset} (the published checkpoint's own training)",
             metrics={"test": {"data": f"{dataset} test (reported by the paper)", "split": facts.split,
                               **facts.metrics}},

@@ -43,7 +43,7 @@ class ImportCheckpointAlgorithm(ChangeScribeAlgorithm):
         options = [label for _, _, label in published_checkpoints()]
         add(QgsProcessingParameterFile(self.CHECKPOINT, "Published checkpoint"),
             "The checkpoint file exactly as published (.pt / .pth / .pth.tar). A captioner's word map (RSICCformer: "
-            "WORDMAP_*.json) is read from beside it or from its ../data folder.")
+            "WORDMAP_*.json; Change-Agent: LEVIR_MCI/vocab.json) is read from beside it or from its ../data folder.")
         add(QgsProcessingParameterEnum(self.SOURCE, "Published by (code and training data)", options=options,
                                        defaultValue=0),
             "The code base the checkpoint comes from and the dataset it was trained on: sets the architecture, "

@@ -18,7 +18,7 @@ HAS_HF = all(importlib.util.find_spec(m) is not None for m in ("transformers", "
 
 # (change mask, caption) each family must produce: BIT masks only, SEN captions only, the others both.
 HEADS = {"bit-cd": (True, False), "pix4cap": (True, True), "sen": (False, True), "dfm": (True, True),
-         "semantic-cc": (True, True), "rsiccformer": (False, True)}
+         "semantic-cc": (True, True), "rsiccformer": (False, True), "change-agent-mci": (True, True)}
 MAX_CAPTION_LOSS, MIN_IOU = 0.1, 0.9
 
 

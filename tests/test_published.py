@@ -447,3 +447,132 @@ def test_imported_rsiccformer_pairs_with_the_imported_bit_detector(tmp_path, cap
     bit = load_model_file(folder / "bit-levir-cd.json")
     assert torch.allclose(pred.probability, bit.change_probability(before, after), atol=1e-5)
     assert len(pred.captions) == 1 and all(w.startswith("word") for w in pred.captions[0].split())
+
+
+# ---- change-agent-mci: Change-Agent's trainer saves {encoder_dict, encoder_trans_dict, decoder_dict} -----------------
+MCI_MANIFEST = MANIFEST.parent / "change_agent_mci_segformer-mit_b1.json"
+
+
+def mci_word_map(size: int) -> dict[str, int]:
+    """A vocab.json in Change-Agent's layout: <NULL>, <UNK>, <START>, <END> at 0..3, then the words."""
+    return {"<NULL>": 0, "<UNK>": 1, "<START>": 2, "<END>": 3, **{f"word{i}": i for i in range(4, size)}}
+
+
+def save_mci_checkpoint(root: Path, state: dict[str, torch.Tensor], word_map: bool = True) -> Path:
+    """Change-Agent's layout: Multi_change/models_ckpt/MCI_model.pth (its three state dicts) and the repository's
+    Multi_change/data/LEVIR_MCI/vocab.json."""
+    m = _manifest(MCI_MANIFEST)
+    container = {key: {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+                 for key, name in m["parts"].items()}
+    path = root / "Multi_change" / "models_ckpt" / "MCI_model.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(container, path)
+    if word_map:
+        vocab = root / "Multi_change" / "data" / "LEVIR_MCI" / "vocab.json"
+        vocab.parent.mkdir(parents=True)
+        vocab.write_text(json.dumps(mci_word_map(m["vocabulary"])))
+    return path
+
+
+@pytest.fixture(scope="module")
+def mci_import(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """One Change-Agent checkpoint (about 0.5 GB of random float32 under its exact names), imported once."""
+    root = tmp_path_factory.mktemp("mci")
+    state = peer_state(5, MCI_MANIFEST)
+    ckpt = save_mci_checkpoint(root, state)
+    code = cli_main(["models", "import", str(ckpt), "--from", "change-agent-mci", "--folder", str(root / "models")])
+    assert code == 0
+    return root / "models" / "change-agent-mci-levir-mci.json", state
+
+
+def test_mci_manifest_is_the_peers_released_model():
+    m = _manifest(MCI_MANIFEST)
+    assert m["repository"] == "https://github.com/Chen-Yang-Liu/Change-Agent" and len(m["commit"]) == 40
+    keys = {k: shape for k, shape, _ in m["keys"]}
+    # MiT-B1: widths 64/128/320/512, two blocks per stage, keys reduced 8/4/2/1 (stage 4 has no reduction conv)
+    assert [keys[f"encoder.cnn.segformer.patch_embed{n}.proj.weight"][0] for n in range(1, 5)] == [64, 128, 320, 512]
+    assert sum(k.startswith("encoder.cnn.segformer.block") and k.endswith(".norm1.weight") for k in keys) == 8
+    assert keys["encoder.cnn.segformer.block1.0.attn.sr.weight"] == [64, 64, 8, 8]
+    assert "encoder.cnn.segformer.block4.0.attn.sr.weight" not in keys
+    assert keys["encoder.cnn.segformer.block3.1.attn.kv.weight"] == [640, 320]
+    assert keys["encoder_trans.to_seg.1.weight"] == [3, 64, 1, 1]  # no change, road, building
+    assert keys["encoder_trans.h_embedding_CD.weight"] == [16, 256]
+    assert sum(k.endswith(".0.att.to_q.weight") for k in keys) == 6  # 3 caption + 3 change block pairs
+    assert keys["decoder.transformer.layers.0.multihead_attn.in_proj_weight"] == [1536, 512]
+    assert keys["decoder.wdc.weight"] == [m["vocabulary"], 512]
+    assert keys["decoder.position_encoding.pe"] == [m["max_length"], 1, 512]
+    assert m["container"] == ["decoder_dict", "encoder_dict", "encoder_trans_dict"]
+
+
+def test_change_agent_mci_imports_with_every_tensor_where_the_peer_uses_it(mci_import):
+    from changescribe.core.model_card import card_summary
+
+    card_path, state = mci_import
+    card = read_card(card_path)
+    assert card["architecture"] == "change-agent-mci" and "pair_with" not in card
+    assert "one encoder pass" in card["description"] and "academic" in card["licence"]
+    assert card["input"]["mean"] == pytest.approx([99.636, 98.489, 84.122], abs=1e-3)
+    assert card["input"]["tile_size"] == 256 and card["input"]["gsd"] == 0.5
+    assert card["source"]["code_commit"] == _manifest(MCI_MANIFEST)["commit"]
+    assert card["vocabulary"]["words"][:6] == ["<NULL>", "<UNK>", "<START>", "<END>", "word4", "word5"]
+    assert card["vocabulary"]["max_length"] == 42 and card["config"]["max_caption_length"] == 42  # 41 words
+    assert card["config"]["backbone"] == "mit_b1" and card["config"]["num_classes"] == 3
+    assert "LEVIR-MCI" in card["metrics"]["test"]["data"] and "change mask + captions" in card_summary(card)
+    model = load_model_file(card_path)
+    ours = model.module.state_dict()
+    kv = state["encoder.cnn.segformer.block2.1.attn.kv.weight"]
+    assert torch.equal(ours["backbone.stages.1.1.attn.attn.to_k.weight"], kv[:128])
+    assert torch.equal(ours["backbone.stages.1.1.attn.attn.to_v.weight"], kv[128:])
+    assert torch.equal(ours["backbone.stages.0.0.attn.reduce_norm.bias"],
+                       state["encoder.cnn.segformer.block1.0.attn.norm.bias"])
+    assert torch.equal(ours["backbone.embeds.3.proj.weight"], state["encoder.cnn.segformer.patch_embed4.proj.weight"])
+    assert torch.equal(ours["cd_neck.2.1.context_local.norm.running_var"],
+                       state["encoder_trans.Transformer_aug_CD.2.1.K_d_conv.BN.running_var"])
+    assert torch.equal(ours["cc_neck.1.0.query_local.dw1x5.weight"],
+                       state["encoder_trans.Dynamic_DIF_aware_TR.1.0.Q_d_conv.d_conv_1x5.weight"])
+    assert torch.equal(ours["cc_neck.0.1.kv_fuse.1.weight"],
+                       state["encoder_trans.Dynamic_DIF_aware_TR.0.1.att.fuse_conv.1.weight"])
+    assert torch.equal(ours["cd_neck.0.0.attn.to_out.bias"], state["encoder_trans.Transformer_aug_CD.0.0.att.to_out.0.bias"])
+    # its position code: the first half from h_embedding by column, the second from w_embedding by row
+    assert torch.equal(ours["cc_position.cols.weight"], state["encoder_trans.h_embedding.weight"])
+    assert torch.equal(ours["cd_position.rows.weight"], state["encoder_trans.w_embedding_CD.weight"])
+    assert torch.equal(ours["up.3.3.weight"], state["encoder_trans.to_fused.3.3.weight"])
+    assert torch.equal(ours["classify.1.bias"], state["encoder_trans.to_seg.1.bias"])
+    assert torch.equal(ours["cap_fuse.body.7.running_mean"], state["decoder.LN.left.7.running_mean"])
+    cross = state["decoder.transformer.layers.0.multihead_attn.in_proj_weight"]
+    assert torch.equal(ours["decoder.layers.0.cross_attn.to_q.weight"], cross[:512])
+    assert torch.equal(ours["decoder.classifier.weight"], state["decoder.wdc.weight"])  # its ids are ours
+
+
+def test_change_agent_mci_gives_mask_and_caption_from_one_encoder_pass(mci_import):
+    card_path, _ = mci_import
+    model = load_model_file(card_path)
+    passes = []
+    model.module.backbone.register_forward_hook(lambda *_: passes.append(1))
+    g = torch.Generator().manual_seed(0)
+    before, after = torch.rand(2, 3, 64, 64, generator=g) * 255, torch.rand(2, 3, 64, 64, generator=g) * 255
+    pred = model.predict(before, after, with_captions=True)
+    assert len(passes) == 1  # both dates, both heads: one MiT pass (Change-Agent's predict.py runs it twice)
+    assert pred.probability.shape == (2, 64, 64) and len(pred.captions) == 2
+    assert all(w.startswith("word") for c in pred.captions for w in c.split())
+    from changescribe.core.model_api import normalise
+
+    with torch.no_grad():  # the binary mask is the original's argmax over (no change, road, building) != no change
+        classes = model.module.class_logits(model.module.encode(normalise(before, model.input_spec),
+                                                                normalise(after, model.input_spec)))
+    changed = classes.argmax(1) != 0
+    assert 0 < float(changed.float().mean()) < 1
+    assert torch.equal(changed, pred.probability > 0.5)
+
+
+def test_change_agent_mci_refuses_unknown_layers_and_a_missing_word_map(tmp_path, capsys, mci_import):
+    _, state = mci_import
+    ckpt = save_mci_checkpoint(tmp_path / "novocab", {"decoder.wdc.bias": state["decoder.wdc.bias"]}, word_map=False)
+    code, out = run_import(capsys, str(ckpt), "--from", "change-agent-mci", "--folder", str(tmp_path / "m"))
+    assert code == 2 and "word map" in out and "--word-map" in out and len(out.strip().splitlines()) == 1
+    extra = {**state, "encoder_trans.Transformer_aug.0.0.norm1.weight": torch.ones(512)}
+    ckpt = save_mci_checkpoint(tmp_path / "extra", extra)
+    code, out = run_import(capsys, str(ckpt), "--from", "change-agent-mci", "--folder", str(tmp_path / "m"))
+    assert code == 2 and "encoder_trans.Transformer_aug.0.0.norm1.weight" in out and "did not fit" in out
+    assert "Traceback" not in out and len(out.strip().splitlines()) == 1
+    assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())  # nothing half-written

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .bit_cd import BitCD, BitCDConfig
+from .change_agent import ChangeAgentMCI, ChangeAgentMCIConfig
 from .dfm import DFM, DFMConfig
 from .network import ChangeNetwork
 from .pix4cap import Pix4Cap, Pix4CapConfig
@@ -187,6 +188,12 @@ register(ModelEntry("rsiccformer", RSICCformer, RSICCformerConfig(), RSICCFORMER
                     "RSICCformer (Chen-Yang-Liu/RSICC): ResNet-101-3, 3 dual-branch cross layers, 1024-wide decoder; "
                     "imports its published LEVIR-CC checkpoints. Caption only - paired with a change detector.",
                     True))
+CHANGE_AGENT_PAPER = ("Liu, Chen, Zhang, Qi, Zou & Shi, 'Change-Agent: Toward Interactive Comprehensive Remote "
+                      "Sensing Change Interpretation and Analysis', IEEE TGRS 2024")
+register(ModelEntry("change-agent-mci", ChangeAgentMCI, ChangeAgentMCIConfig(), CHANGE_AGENT_PAPER,
+                    "Change-Agent's MCI model (Chen-Yang-Liu/Change-Agent): MiT-B1, difference-aware change and caption "
+                    "branches: change mask (road / building as change) + caption from one encoder pass; imports its "
+                    "published LEVIR-MCI checkpoint.", True))
 register(ModelEntry("sen", SEN, SENConfig(), SEN_PAPER,
                     "SEN, paper configuration (6-band single-stream ResNet-50, D 512, SFE, CAGD N_e 2, decoder N_d 1, "
                     "beam 3): caption only - paired with a change detector.", True))
