@@ -278,6 +278,7 @@ class DetectResult:
     regions: int
     scene_caption: str
     summary: str
+    flagged: int = 0  # regions whose decoder caption contradicts their facts (a caption_flag)
     probability: str | None = None
     tiles: int = 0
     tiles_per_second: float | None = None

@@ -2,23 +2,34 @@
 
 Captioning models are trained on fixed-size pairs at a given GSD (LEVIR-CC: 256² px at 0.5 m), so every area
 is cropped with at least the ground footprint the model was trained on around it, then resampled to the
-model's input size. Used by the change pipeline (each detected region) and for areas an analyst draws.
+model's input size. Used by the change pipeline (each detected region) and for areas an analyst draws, which are
+grounded exactly as detected regions are (:mod:`.grounding`): facts, change type, caption and flag.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from rasterio.windows import Window
+from shapely.geometry import MultiPolygon, Polygon, box
+from shapely.geometry.base import BaseGeometry
 
+from .atomic import temp_prefix
 from .device import halving_on_oom
+from .geopackage import REGION_FIELDS
 from .model_api import ChangeModel
-from .grounding import GroundedRegion, PixelFacts, RegionFacts, ground_region, region_facts, scene_paragraph
+from .grounding import (FACT_FIELDS, GroundedRegion, PixelFacts, RegionFacts, fact_record, ground_region,
+                        judgement_record, measure_regions, measure_window, region_facts, scene_paragraph)
+from .inference import predict_probability
 from .raster_pair import AlignedPair, AlignmentReport
+from .regions import area_m2, region_statistics, valid_polygons
 from .run_control import RunControl
 
 Bounds = tuple[float, float, float, float]
@@ -81,11 +92,96 @@ def _concat(parts: list[list[str]]) -> list[str]:
     return [caption for part in parts for caption in part]
 
 
-def caption_areas(pair: AlignedPair, model: ChangeModel, areas: Iterable[Bounds], beam_size: int = 1,
-                  control: RunControl | None = None) -> list[str]:
-    """Captions for areas given by their bounds in the grid CRS (regions, drawn polygons)."""
+def decoder_captions(pair: AlignedPair, model: ChangeModel, areas: Iterable[Bounds], beam_size: int = 1,
+                     control: RunControl | None = None) -> list[str]:
+    """The decoder's sentence for each area given by its bounds in the grid CRS, from a crop centred on it (an
+    annotation's suggestion; :func:`caption_areas` grounds them)."""
     ctx = context_pixels(pair, model)
     return caption_windows(pair, model, [area_window(pair, b, ctx) for b in areas], beam_size, control)
+
+
+# The fields a given area gets (:func:`caption_areas`), named and typed as the regions layer of a run names them.
+AREA_FIELDS = {name: REGION_FIELDS[name] for name in ("area_m2", "mean_prob", "max_prob", "caption", *FACT_FIELDS)}
+
+
+@dataclass(frozen=True)
+class AreaCaption:
+    """A given area grounded like a detected region: its facts, type, grounded caption, the decoder's sentence and
+    flag, and the model's change probability inside it (None for a captioner that cannot detect)."""
+
+    area_m2: float
+    mean_prob: float | None
+    max_prob: float | None
+    facts: RegionFacts
+    grounded: GroundedRegion
+
+    def record(self) -> dict:
+        """The area's :data:`AREA_FIELDS` values, as a run's regions layer stores them."""
+        rounded = {k: None if v is None else round(float(v), 4) for k, v in (("mean_prob", self.mean_prob),
+                                                                           ("max_prob", self.max_prob))}
+        values = {"area_m2": round(self.area_m2, 2), **rounded, **fact_record(self.facts),
+                  **judgement_record(self.grounded)}
+        return {name: values[name] for name in AREA_FIELDS}
+
+
+def caption_areas(pair: AlignedPair, model: ChangeModel, areas: Iterable[BaseGeometry | None], beam_size: int = 1,
+                  control: RunControl | None = None, threshold: float = 0.5,
+                  batch_size: int = 8) -> list[AreaCaption | None]:
+    """Each area (a polygon in the grid CRS: drawn, or another tool's) captioned and grounded as a detected region
+    is: its part in the compared area (the pair's grid) gets its decoder sentence from a crop centred on it,
+    checked against its facts (:func:`.grounding.ground_region`). None for an area with nothing in the grid (or
+    given as None).
+
+    A model that can detect runs over each area's :func:`.grounding.measure_window` (the tiles of the whole grid
+    that reach it, so its probabilities are a whole run's): the mean and max probability inside the area, and the
+    mask at ``threshold`` that gives its ``objects`` (0: the model sees no change there, and its type is
+    :data:`.grounding.NO_CHANGE`) and the unchanged ground its pixel changes are measured against. A captioner that
+    cannot detect gets the pixel facts alone (probabilities and ``objects`` None).
+    """
+    control = control or RunControl()
+    given = [in_scene(pair, g) for g in areas]
+    geoms = [g for g in given if g is not None]
+    n = len(geoms)
+    if model.can_detect:
+        pixels: list[PixelFacts | None] = []
+        means, maxes = [], []
+        with tempfile.TemporaryDirectory(prefix=temp_prefix()) as tmp:
+            for i, geom in enumerate(geoms):
+                path = Path(tmp) / f"area-{i}.tif"
+                predict_probability(pair, model, path, batch_size=batch_size, region=measure_window(pair, geom),
+                                    control=control.stage(0.5 * i / n, 0.5 * (i + 1) / n))
+                pixels += measure_regions(pair, path, [geom], threshold)
+                mean, peak = region_statistics(path, [geom])
+                means.append(float(mean[0]))
+                maxes.append(float(peak[0]))
+                path.unlink()
+    else:
+        pixels = measure_regions(pair, None, geoms, threshold)
+        means = maxes = [None] * n
+    scene = scene_bounds(pair)
+    sizes = area_m2(geoms, pair.grid.crs) if geoms else []
+    texts = decoder_captions(pair, model, [tuple(g.bounds) for g in geoms], beam_size,
+                             control.stage(0.5 if model.can_detect else 0.0, 1.0))
+    grounded = []
+    for geom, size, px, mean, peak, text in zip(geoms, sizes, pixels, means, maxes, texts):
+        facts = region_facts(geom, float(size), scene, px)
+        grounded.append(AreaCaption(float(size), mean, peak, facts, ground_region(text, facts)))
+    found = iter(grounded)
+    return [next(found) if g is not None else None for g in given]
+
+
+def in_scene(pair: AlignedPair, geom: BaseGeometry | None) -> Polygon | MultiPolygon | None:
+    """The polygonal part of ``geom`` (grid CRS) inside the pair's grid, or None when nothing of it is."""
+    if geom is None or geom.is_empty:
+        return None
+    parts = valid_polygons(geom.intersection(box(*scene_bounds(pair))))
+    return None if not parts else parts[0] if len(parts) == 1 else MultiPolygon(parts)
+
+
+def scene_bounds(pair: AlignedPair) -> Bounds:
+    """The compared area's bounds in the grid CRS: what position words (north-west, centre...) are relative to."""
+    t, w, h = pair.grid.transform, pair.width, pair.height
+    return t.c, t.f + t.e * h, t.c + t.a * w, t.f
 
 
 def summarise(count: int, total_area_m2: float, report: AlignmentReport) -> str:
@@ -132,8 +228,7 @@ class RegionCaptioner:
         self._bounds: list[Bounds] = []
         self._areas: list[float] = []
         self._facts: list[RegionFacts] = []  # size, shape, scene position: what a caption must not contradict
-        t, w, h = pair.grid.transform, pair.width, pair.height
-        self._scene = (t.c, t.f + t.e * h, t.c + t.a * w, t.f)
+        self._scene = scene_bounds(pair)
         self._cells: set[tuple[int, int]] = set()
         self._large = 0
         self._grounded: list[GroundedRegion | None] = []
@@ -227,7 +322,10 @@ class RegionCaptioner:
         summary = summarise(count, total_area_m2, self.pair.report)
         if not self.enabled or not count:
             return summary, summary
-        grounded = self._grounded
-        flagged = sum(1 for g in grounded if g is not None and g.caption_flag)
-        pairs = [(f, g) for f, g in zip(self._facts, grounded) if g is not None]
-        return scene_paragraph(summary, pairs, flagged), summary
+        pairs = [(f, g) for f, g in zip(self._facts, self._grounded) if g is not None]
+        return scene_paragraph(summary, pairs, self.flagged), summary
+
+    @property
+    def flagged(self) -> int:
+        """How many regions carry a ``caption_flag`` (0 before :meth:`caption_all`, and without a captioner)."""
+        return sum(1 for g in self._grounded if g is not None and g.caption_flag)

@@ -58,7 +58,7 @@ def _detect(args: argparse.Namespace) -> int:
         print(f"GeoPackage: {result.output}")
         if result.probability:
             print(f"probability raster: {result.probability}")
-        print(f"change regions: {result.regions} ({result.summary})")
+        print(f"change regions: {result.regions} ({result.summary}); flagged captions: {result.flagged}")
         print(f"scene caption: {result.scene_caption}")
     return 0
 

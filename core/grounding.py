@@ -14,11 +14,13 @@ confidence; a type the facts contradict is never used. The region caption is the
 building, about 240 m², compact, in the north-west part of the scene"); the decoder's sentence is kept as
 ``model_caption`` with its crop-relative position words replaced by the region's position in the scene; a decoder
 sentence that contradicts the facts gets a ``caption_flag`` saying why. :func:`scene_paragraph` sums the regions up
-by type for the scene caption. One piece of code serves the pipeline, the CLI, Processing, the dock and the report.
+by type for the scene caption. One piece of code serves the pipeline, the CLI, Processing (detected regions and the
+polygons given to Caption regions), the dock and the report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -29,11 +31,14 @@ import numpy as np
 from scipy import ndimage
 
 if TYPE_CHECKING:
+    from rasterio.windows import Window
+
     from .raster_pair import AlignedPair
 
 __all__ = ["CHANGE_TYPES", "PixelFacts", "RegionFacts", "GroundedRegion", "region_facts", "measure_pixels",
            "measure_regions", "compass_words", "orientation_words", "classify_change", "decoder_type", "ground_region",
-           "ground_caption", "scene_paragraph", "is_no_change", "area_words", "FACT_FIELDS"]
+           "ground_caption", "scene_paragraph", "is_no_change", "area_words", "FACT_FIELDS", "NO_CHANGE",
+           "measure_window"]
 
 Bounds = tuple[float, float, float, float]
 
@@ -42,9 +47,12 @@ NEW_BUILDING, BUILDING_REMOVED, NEW_ROAD = "new building", "building removed or 
 VEG_LOST, VEG_GAINED, BARE_SOIL, WATER, OTHER = ("vegetation lost", "vegetation gained", "bare soil or earthworks",
                                                  "water", "other change")
 CHANGE_TYPES = (NEW_BUILDING, BUILDING_REMOVED, NEW_ROAD, VEG_LOST, VEG_GAINED, BARE_SOIL, WATER, OTHER)
+# What a given area (drawn, not detected) is when the model's change mask has no pixel inside it: no type is
+# guessed from its pixels then, or a fluent "new building" would describe ground the model saw unchanged.
+NO_CHANGE = "no change"
 _PLURAL = {NEW_BUILDING: "new buildings", BUILDING_REMOVED: "buildings removed or damaged", NEW_ROAD: "new roads",
            VEG_LOST: "vegetation lost", VEG_GAINED: "vegetation gained", BARE_SOIL: "bare soil or earthworks",
-           WATER: "water", OTHER: "other changes"}
+           WATER: "water", OTHER: "other changes", NO_CHANGE: "areas without change"}
 
 _NO_CHANGE = re.compile(r"\b(no (difference|change)|nothing (has )?changed|(the )?same as before|(seem )?identical|"
                         r"remains? (the same|unchanged)|unchanged)\b")
@@ -89,7 +97,9 @@ class PixelFacts:
     greenness_after: float
     texture_before: float
     texture_after: float
-    objects: int                 # connected parts of the unsmoothed mask (prob >= threshold) inside the region
+    # connected parts of the unsmoothed mask (prob >= threshold) inside the region: 0 when a given area has none,
+    # None when no mask was measured (a captioner without a change head)
+    objects: int | None
     greenness_index: str = "ExG"  # "ExG" (excess green on RGB) or "NDVI" (with a near-infrared band)
     # the same changes on the unchanged ground around the region (a season or illumination shift between the
     # dates): the region's changes are counted over and above them
@@ -138,8 +148,14 @@ class RegionFacts:
         return orientation_words(self.orientation_deg) if self.shape != "compact" else ""
 
     @property
-    def objects(self) -> int:
+    def objects(self) -> int | None:
         return self.pixels.objects if self.pixels is not None else 1
+
+    @property
+    def changed(self) -> bool | None:
+        """Whether the model's change mask covers any of it: True for a detected region, False for a given area
+        the model sees no change in, None where no mask was measured (a captioner without a change head)."""
+        return None if self.objects is None else self.objects > 0
 
 
 @dataclass(frozen=True)
@@ -198,13 +214,17 @@ class PixelMeter:
         self._ring = np.zeros(6)
         self._ring_n = 0
         self._index = "ExG"
+        self._masked = False  # a change mask was given (the model can detect)
+        self._any = False     # ... and some of it lies inside the region
 
     def add(self, row: int, before: np.ndarray, after: np.ndarray, inside: np.ndarray,
             change: np.ndarray | None = None, ring: np.ndarray | None = None) -> None:
         """A band starting ``row`` rows into the region's window: (bands, h, w) pixels on a 0..255 scale, the
         region's valid pixels, the unsmoothed change mask (prob >= threshold) and the unchanged valid pixels
         around the region (its background)."""
-        if change is not None and self.stride >= 1:
+        if change is not None:
+            self._masked = True
+            self._any = self._any or bool((change & inside).any())
             first = (-row) % self.stride
             thin = (change & inside)[first::self.stride, ::self.stride]
             r0 = (row + first) // self.stride
@@ -233,7 +253,8 @@ class PixelMeter:
             sizes = np.bincount(labels.ravel())[1:]
             n = int((sizes >= max(2, 0.02 * self._mask.sum())).sum())
         back = (self._ring[3:] - self._ring[:3]) / self._ring_n if self._ring_n >= MIN_BACKGROUND else np.zeros(3)
-        return PixelFacts(*(round(float(v), 4) for v in (m[0], m[3], m[1], m[4], m[2], m[5])), objects=max(1, n),
+        objects = (max(1, n) if self._any else 0) if self._masked else None
+        return PixelFacts(*(round(float(v), 4) for v in (m[0], m[3], m[1], m[4], m[2], m[5])), objects=objects,
                           greenness_index=self._index, background_brightness_change=round(float(back[0]), 4),
                           background_greenness_change=round(float(back[1]), 4),
                           background_texture_change=round(float(back[2]), 4))
@@ -268,36 +289,56 @@ def measure_pixels(before: np.ndarray, after: np.ndarray, inside: np.ndarray,
     return meter.facts()
 
 
-def measure_regions(pair: "AlignedPair", prob_path: str | os.PathLike, geoms: Iterable, threshold: float,
-                    band_pixels: int = 2**20) -> list[PixelFacts | None]:
-    """Pixel facts of regions of a run: the aligned pair (:class:`.raster_pair.AlignedPair`) and its probability
-    raster are read over each region's bounds and a margin of unchanged ground around it (half its size, at most
-    :data:`BACKGROUND_MARGIN` px), a band of rows at a time, so memory stays that of a band."""
-    import rasterio
-    from rasterio.features import geometry_mask
-    from rasterio.windows import Window, from_bounds, transform as window_transform
+def measure_window(pair: "AlignedPair", geom) -> Window:
+    """The part of the pair's grid a region's facts are read over: its bounds and a margin of the ground around it
+    (half its size, at least 4 and at most :data:`BACKGROUND_MARGIN` px), inside the grid."""
+    from rasterio.windows import Window, from_bounds
 
-    out: list[PixelFacts | None] = []
-    grid = Window(0, 0, pair.width, pair.height)
-    with rasterio.open(prob_path) as prob_src:
-        for geom in geoms:
-            win = from_bounds(*geom.bounds, transform=pair.grid.transform)
-            win = win.round_offsets(op="floor").round_lengths(op="ceil")
-            margin = int(min(BACKGROUND_MARGIN, max(4, max(win.width, win.height) // 2)))
-            win = Window(win.col_off - margin, win.row_off - margin, win.width + 2 * margin,
-                         win.height + 2 * margin).intersection(grid)
-            col, row, w, h = (int(v) for v in (win.col_off, win.row_off, win.width, win.height))
-            meter = PixelMeter(h, w)
-            band = max(1, band_pixels // max(w, 1))
-            for r in range(row, row + h, band):
-                part = Window(col, r, w, min(band, row + h - r))
-                before, after, valid = pair.read(part)
-                prob = prob_src.read(1, window=part)
-                region = ~geometry_mask([geom], out_shape=valid.shape,
-                                        transform=window_transform(part, pair.grid.transform))
-                change = prob >= threshold
-                meter.add(r - row, before, after, region & valid, change, valid & ~region & ~change & (prob >= 0))
-            out.append(meter.facts())
+    win = from_bounds(*geom.bounds, transform=pair.grid.transform)
+    win = win.round_offsets(op="floor").round_lengths(op="ceil")
+    margin = int(min(BACKGROUND_MARGIN, max(4, max(win.width, win.height) // 2)))
+    return Window(win.col_off - margin, win.row_off - margin, win.width + 2 * margin,
+                  win.height + 2 * margin).intersection(Window(0, 0, pair.width, pair.height))
+
+
+def measure_regions(pair: "AlignedPair", prob_path: str | os.PathLike | None, geoms: Iterable, threshold: float,
+                    band_pixels: int = 2**20) -> list[PixelFacts | None]:
+    """Pixel facts of regions (polygons in the grid's CRS): the aligned pair (:class:`.raster_pair.AlignedPair`)
+    and the model's probability raster are read over each region's :func:`measure_window`, many small windows in
+    one block (:func:`.regions.region_blocks`) and a large one in bands of rows, so memory stays that of a band.
+
+    The probability raster is a run's (the whole grid) or covers at least the windows of the regions given (an
+    area's own, :func:`.captioning.caption_areas`). Without one (a captioner that cannot detect) no mask is
+    measured: ``objects`` is None and all valid ground around the region is its background."""
+    import rasterio
+    from rasterio.windows import Window
+
+    from .regions import region_blocks
+
+    geoms = list(geoms)
+    windows = [measure_window(pair, geom) for geom in geoms]
+    out: list[PixelFacts | None] = [None] * len(geoms)
+    meters: dict[int, PixelMeter] = {}
+    with (rasterio.open(prob_path) if prob_path is not None else contextlib.nullcontext()) as prob_src:
+        # where the probability raster starts on the grid (0, 0 for a whole run's)
+        dx, dy = ((int(round(v)) for v in ~pair.grid.transform * (prob_src.transform.c, prob_src.transform.f))
+                  if prob_src is not None else (0, 0))
+        for block, parts in region_blocks(geoms, windows, pair.grid.transform, band_pixels):
+            before, after, valid = pair.read(block)
+            prob = (prob_src.read(1, window=Window(block.col_off - dx, block.row_off - dy, block.width,
+                                                   block.height)) if prob_src is not None else None)
+            for part in parts:
+                i, at = part.index, (part.rows, part.cols)
+                meter = meters.setdefault(i, PixelMeter(int(windows[i].height), int(windows[i].width)))
+                b, a, v, region = before[(slice(None), *at)], after[(slice(None), *at)], valid[at], part.inside
+                if prob is None:
+                    meter.add(part.row, b, a, region & v, None, v & ~region)
+                else:
+                    p = prob[at]
+                    change = p >= threshold
+                    meter.add(part.row, b, a, region & v, change, v & ~region & ~change & (p >= 0))
+                if part.last:
+                    out[i] = meters.pop(i).facts()
     return out
 
 
@@ -450,9 +491,11 @@ def _greenness_words(p: PixelFacts) -> str:
 
 def _described(kind: str, facts: RegionFacts) -> str:
     """A region's caption from its type and facts."""
-    n = facts.objects
+    n = facts.objects or 0
     what = kind
-    if n > 1 and kind in (NEW_BUILDING, BUILDING_REMOVED, NEW_ROAD):
+    if kind == NO_CHANGE:
+        what = "no change detected"
+    elif n > 1 and kind in (NEW_BUILDING, BUILDING_REMOVED, NEW_ROAD):
         what = f"{_PLURAL[kind]} ({n} objects)"
     elif n > 1 and kind == OTHER:
         what = f"change ({n} objects)"
@@ -469,13 +512,19 @@ def ground_region(caption: str, facts: RegionFacts) -> GroundedRegion:
     "") and its facts."""
     text = (caption or "").strip()
     model_caption, flag = ground_caption(text, facts)
-    kind, confidence, reason = classify_change(facts, text)
-    flag = flag or reason
+    if facts.changed is False:  # a given area with no change in the model's mask: no type from its pixels
+        kind, confidence = NO_CHANGE, 1.0
+    else:
+        kind, confidence, reason = classify_change(facts, text)
+        flag = flag or reason
     if text and not flag:
         said = decoder_type(text)
         if said is not None and said != kind and kind != OTHER:
             flag = f"says {said}; the facts fit {kind} better"
     return GroundedRegion(kind, confidence, _described(kind, facts), model_caption if text else "", flag)
+
+
+_NOTHING_THERE = "describes a change but the model's change mask has no pixel in the area"
 
 
 def ground_caption(caption: str, facts: RegionFacts) -> tuple[str, str]:
@@ -486,8 +535,12 @@ def ground_caption(caption: str, facts: RegionFacts) -> tuple[str, str]:
     if not text:
         return "", ""
     reason = ""
-    if is_no_change(low):
-        reason = f"no-change sentence on a region reported as changed ({area_words(facts.area_m2)})"
+    if facts.changed is False:
+        reason = "" if is_no_change(low) else _NOTHING_THERE
+    elif is_no_change(low):
+        # a region the model reported; an area given without a change mask was not reported by anyone
+        reason = (f"no-change sentence on a region reported as changed ({area_words(facts.area_m2)})"
+                  if facts.changed else "")
     elif _LINEAR_WORDS.search(low) and not _COMPACT_WORDS.search(low) and facts.shape == "compact":
         reason = "names a road or path on a compact region"
     elif _COMPACT_WORDS.search(low) and not _LINEAR_WORDS.search(low) and facts.shape == "linear":

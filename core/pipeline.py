@@ -72,12 +72,13 @@ class ChangeResult:
     device: str = ""
     reused_probability: bool = False
     notes: list[str] = field(default_factory=list)  # what the run policy did (:mod:`.run`): retries, cache
+    flagged: int = 0  # regions with a caption_flag (the count the scene caption gives)
 
     def summary_result(self) -> DetectResult:
         """The plain-value form the CLI prints, the worker sends and the dock shows."""
         tps = self.stats.tiles_per_second
         return DetectResult(output=str(self.output) if self.output else None, regions=int(len(self.regions)),
-                            scene_caption=self.scene_caption, summary=self.summary,
+                            scene_caption=self.scene_caption, summary=self.summary, flagged=self.flagged,
                             probability=str(self.probability) if self.probability else None,
                             tiles=int(self.stats.tiles), tiles_per_second=round(tps, 2) if math.isfinite(tps) else None,
                             reused_probability=self.reused_probability, device=self.device,
@@ -203,6 +204,7 @@ def _detect(r: DetectRequest, control: RunControl, dev: torch.device, model: Cha
                         progress.begin("captions")
                     write_captions(gpkg, captioner.caption_all(progress.control("captions")))
                     scene_caption, summary = captioner.scene(writer.count, writer.total_area_m2)
+                    flagged = captioner.flagged
                     meta = _run_metadata(r.before, r.after, model, dev, pair.report, stats, r.threshold,
                                          r.min_area, tile_size, r.overlap, scene_caption, summary, started,
                                          created)
@@ -226,7 +228,8 @@ def _detect(r: DetectRequest, control: RunControl, dev: torch.device, model: Cha
     control.progress(1.0, "done")
     return ChangeResult(output=out, regions=regions, scene_caption=scene_caption, summary=summary,
                         alignment=pair.report, probability=prob_out, stats=stats, metadata=meta,
-                        device=describe_device(dev), reused_probability=r.reuse_probability is not None)
+                        device=describe_device(dev), reused_probability=r.reuse_probability is not None,
+                        flagged=flagged)
 
 
 @contextlib.contextmanager

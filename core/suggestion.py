@@ -42,7 +42,7 @@ def suggest_caption(job: SuggestionJob, models: dict | None = None) -> str:
     """The caption for ``job.bounds`` over the pair, cropped at the model's GSD; ``models`` caches loaded models."""
     from pyproj import Transformer
 
-    from .captioning import caption_areas
+    from .captioning import decoder_captions
     from .errors import InputError
     from .model_loading import load_model
     from .raster_pair import AlignedPair
@@ -55,4 +55,4 @@ def suggest_caption(job: SuggestionJob, models: dict | None = None) -> str:
         raise InputError(f"the model {model.name} cannot caption")
     with AlignedPair(job.before, job.after, bands=model.input_spec.bands, target_gsd=model.input_spec.gsd) as pair:
         tr = Transformer.from_crs(job.bounds_crs, pair.grid.crs.to_wkt(), always_xy=True)
-        return caption_areas(pair, model, [tr.transform_bounds(*job.bounds)])[0]
+        return decoder_captions(pair, model, [tr.transform_bounds(*job.bounds)])[0]

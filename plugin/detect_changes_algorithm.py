@@ -222,7 +222,7 @@ class DetectChangesAlgorithm(ChangeScribeAlgorithm):
                     if isinstance(exc, OSError):
                         raise QgsProcessingException(f"cannot write the report {report}: {exc}") from None
                     raise
-        flagged = result.regions.flagged(0)[0]
+        flagged = result.flagged
         feedback.pushInfo(f"{len(result.regions)} change regions; scene caption: {result.scene_caption}")
         if flagged:
             feedback.pushWarning(f"{flagged} region caption(s) from the decoder contradict the region's facts: see "

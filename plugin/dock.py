@@ -440,12 +440,14 @@ class ChangeScribeDock(QgsDockWidget):
         self.results.show_result(result, layer, notes)
         self.status_label.setStyleSheet("")
         regions = plural(result.get("regions", 0), "change region")
-        self.status_label.setText(f"Done in {outcome.seconds:.1f} s: {regions} in the '{GROUP_NAME}' group.")
+        flagged = result.get("flagged") or 0
+        flags = f", {plural(flagged, 'flagged caption')} (⚠)" if flagged else ""
+        self.status_label.setText(f"Done in {outcome.seconds:.1f} s: {regions}{flags} in the '{GROUP_NAME}' group.")
         for line in result.get("alignment") or []:
             self._log(line)
         self._log(f"result: {result.get('output')}; scene caption: {result.get('scene_caption')}")
         self.iface.messageBar().pushMessage(
-            "ChangeScribe", f"{regions}: {layer.name()}",
+            "ChangeScribe", f"{regions}{flags}: {layer.name()}",
             Qgis.MessageLevel.Success, 5)
 
     def show_error(self, message: str) -> None:

@@ -34,7 +34,8 @@ def test_request_round_trips_through_json_and_refuses_unknown_options():
         DetectRequest.from_dict({**r.to_dict(), "treshold": 0.4})
     with pytest.raises(InputError, match="lacks after"):
         DetectRequest.from_dict({"before": "a.tif"})
-    result = DetectResult(output="o.gpkg", regions=3, scene_caption="c", summary="s", alignment=("x",), notes=("n",))
+    result = DetectResult(output="o.gpkg", regions=3, scene_caption="c", summary="s", flagged=2, alignment=("x",),
+                          notes=("n",))
     assert DetectResult.from_event(json.loads(json.dumps(result.to_event()))) == result
 
 

@@ -91,6 +91,8 @@ def test_dock_runs_reruns_from_cache_and_cancels(tmp_path):
     assert r["table_rows"] == layer["features"]
     assert sorted(r["table_captions"]) == sorted(layer["captions"])
     assert r["table_flags"] == layer["flags"] and r["table_marks"] == sum(1 for f in layer["flags"] if f)
+    flagged = run2["result"]["flagged"]  # the run's count, in the dock's result message
+    assert flagged == r["table_marks"] and ("flagged caption" in r["run2_status"]) == (flagged > 0)
     assert r["run2_layer_id"] in r["group_layer_ids"]
     children = dict(r["group_children"])
     assert any(name.endswith("change probability") and not visible for name, visible in children.items())

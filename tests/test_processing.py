@@ -18,6 +18,7 @@ import pytest
 from shapely import wkt as shapely_wkt
 from shapely.geometry import box
 
+from changescribe.core.captioning import AREA_FIELDS
 from changescribe.training.synthetic import write_pair
 
 REPO = Path(__file__).resolve().parent.parent
@@ -344,7 +345,7 @@ def test_captionregions_adds_a_caption_to_every_feature(qgis_app, tmp_path, pair
     layer = QgsVectorLayer(res["OUTPUT"], "c", "ogr")
     assert layer.isValid()
     names = [f.name() for f in layer.fields()]
-    assert names[-3:] == ["name", "score", "caption"]
+    assert names[-len(AREA_FIELDS) - 2:] == ["name", "score", *AREA_FIELDS]  # a detected region's fields
     assert layer.crs().authid() == "EPSG:4326"
     got = {f["name"]: f for f in layer.getFeatures()}
     want = {f["name"]: f for f in source.getFeatures()}
@@ -358,7 +359,7 @@ def test_captionregions_adds_a_caption_to_every_feature(qgis_app, tmp_path, pair
     for name in ("small", "large"):
         assert isinstance(got[name]["caption"], str) and got[name]["caption"].strip()
     for name in ("far away", "no geometry"):
-        assert got[name]["caption"] == NULL
+        assert all(got[name][field] == NULL for field in AREA_FIELDS)
     del layer
 
 

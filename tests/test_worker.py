@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -83,6 +84,12 @@ def test_worker_runs_one_job_and_reports_json_lines(tmp_path, pair, plugin_paren
     assert Path(result["output"]) == out and out.is_file()
     assert result["probability"] and Path(result["probability"]).is_file()
     assert isinstance(result["regions"], int) and result["scene_caption"] and result["summary"]
+    con = sqlite3.connect(out)
+    try:  # the event's count of flagged captions is the GeoPackage's
+        assert result["flagged"] == con.execute("SELECT count(*) FROM change_regions WHERE caption_flag <> ''"
+                                                ).fetchone()[0]
+    finally:
+        con.close()
     assert result["tiles"] > 0 and not result["reused_probability"] and result["device"].startswith("CPU")
     assert any("area of interest" in line for line in result["alignment"])
     assert ours(tmp) == []  # the pipeline's temporary files are gone

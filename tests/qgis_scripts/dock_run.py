@@ -117,6 +117,7 @@ def body(report):
     report["run2_seconds"] = time.monotonic() - started
     layer = dock.last_layer
     report["run2_layer"] = layer_facts(layer)
+    report["run2_status"] = dock.status_label.text()
     report["summary"] = dock.results.summary_label.text()
     report["scene_caption_widget"] = dock.results.caption_edit.toPlainText()
     report["caption_read_only"] = dock.results.caption_edit.isReadOnly()
