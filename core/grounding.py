@@ -304,41 +304,37 @@ def measure_window(pair: "AlignedPair", geom) -> Window:
 def measure_regions(pair: "AlignedPair", prob_path: str | os.PathLike | None, geoms: Iterable, threshold: float,
                     band_pixels: int = 2**20) -> list[PixelFacts | None]:
     """Pixel facts of regions (polygons in the grid's CRS): the aligned pair (:class:`.raster_pair.AlignedPair`)
-    and the model's probability raster are read over each region's :func:`measure_window`, many small windows in
-    one block (:func:`.regions.region_blocks`) and a large one in bands of rows, so memory stays that of a band.
+    and the model's probability raster are read over each region's :func:`measure_window`, a band of rows at a
+    time, so memory stays that of a band.
 
     The probability raster is a run's (the whole grid) or covers at least the windows of the regions given (an
     area's own, :func:`.captioning.caption_areas`). Without one (a captioner that cannot detect) no mask is
     measured: ``objects`` is None and all valid ground around the region is its background."""
     import rasterio
-    from rasterio.windows import Window
+    from rasterio.features import geometry_mask
+    from rasterio.windows import Window, transform as window_transform
 
-    from .regions import region_blocks
-
-    geoms = list(geoms)
-    windows = [measure_window(pair, geom) for geom in geoms]
-    out: list[PixelFacts | None] = [None] * len(geoms)
-    meters: dict[int, PixelMeter] = {}
+    out: list[PixelFacts | None] = []
     with (rasterio.open(prob_path) if prob_path is not None else contextlib.nullcontext()) as prob_src:
         # where the probability raster starts on the grid (0, 0 for a whole run's)
         dx, dy = ((int(round(v)) for v in ~pair.grid.transform * (prob_src.transform.c, prob_src.transform.f))
                   if prob_src is not None else (0, 0))
-        for block, parts in region_blocks(geoms, windows, pair.grid.transform, band_pixels):
-            before, after, valid = pair.read(block)
-            prob = (prob_src.read(1, window=Window(block.col_off - dx, block.row_off - dy, block.width,
-                                                   block.height)) if prob_src is not None else None)
-            for part in parts:
-                i, at = part.index, (part.rows, part.cols)
-                meter = meters.setdefault(i, PixelMeter(int(windows[i].height), int(windows[i].width)))
-                b, a, v, region = before[(slice(None), *at)], after[(slice(None), *at)], valid[at], part.inside
-                if prob is None:
-                    meter.add(part.row, b, a, region & v, None, v & ~region)
-                else:
-                    p = prob[at]
-                    change = p >= threshold
-                    meter.add(part.row, b, a, region & v, change, v & ~region & ~change & (p >= 0))
-                if part.last:
-                    out[i] = meters.pop(i).facts()
+        for geom in geoms:
+            col, row, w, h = (int(v) for v in measure_window(pair, geom).flatten())
+            meter = PixelMeter(h, w)
+            band = max(1, band_pixels // max(w, 1))
+            for r in range(row, row + h, band):
+                part = Window(col, r, w, min(band, row + h - r))
+                before, after, valid = pair.read(part)
+                region = ~geometry_mask([geom], out_shape=valid.shape,
+                                        transform=window_transform(part, pair.grid.transform))
+                if prob_src is None:
+                    meter.add(r - row, before, after, region & valid, None, valid & ~region)
+                    continue
+                prob = prob_src.read(1, window=Window(col - dx, r - dy, w, part.height))
+                change = prob >= threshold
+                meter.add(r - row, before, after, region & valid, change, valid & ~region & ~change & (prob >= 0))
+            out.append(meter.facts())
     return out
 
 
