@@ -21,6 +21,21 @@ and float64) and the greedy captions (RSICC's caption.py with --beam_size 1) on 
         git -C /work/.mirror/Chen-Yang-Liu+RSICC/repo show HEAD:$f > /tmp/RSICC/$f; done
     .venv/bin/python bench/import_equivalence.py rsiccformer /tmp/RSICC --commit d1505e51... [--manifest]
 
+For ``change-agent-mci`` it builds Change-Agent's three modules (``Encoder('segformer-mit_b1')``, ``AttentiveEncoder``,
+``DecoderTransformer`` with its predict.py's defaults and its vocab.json) with random weights, saves their state
+dicts the way its train.py does, imports that, and compares the three class probabilities, the change probability
+and mask of the pipeline's ``predict`` (one encoder pass), and the greedy captions of its ``sample()`` (word ids) on
+the LEVIR-CC pairs in shared/data/levircc and random pairs, then the class probabilities again in float64:
+
+    mkdir /tmp/CA && git -C /work/.mirror/Chen-Yang-Liu+Change-Agent/repo archive HEAD \
+        Multi_change/model/model_encoder_att.py Multi_change/model/model_decoder.py Multi_change/model/segformer.py \
+        Multi_change/data/LEVIR_MCI/vocab.json | tar -x -C /tmp/CA
+    pip install --target /tmp/peerdeps einops timm --no-deps     # its pure-Python dependencies, outside the project
+    PYTHONPATH=/tmp/peerdeps .venv/bin/python bench/import_equivalence.py change-agent-mci /tmp/CA/Multi_change \
+        --commit 1b0b6013... [--manifest] [--time-batch 4]
+
+Its shims are described in :func:`_peer_change_agent` and :class:`_CudaIsCpu`.
+
 Shims (here, never in the project): RSICC's CNN_Encoder asks torchvision for ImageNet weights, so the ResNet-101 is
 built without them; newer torch passes ``tgt_is_causal`` to decoder layers, which RSICC's layer does not take, so
 its layers are called one by one as nn.TransformerDecoder does. BIT_CD imports ``torchvision.models.utils.load_state_dict_from_url`` (gone
@@ -398,6 +413,12 @@ def run_change_agent_mci(args: argparse.Namespace) -> dict:
         for layer in dec.transformer.layers:
             layer.multihead_attn.in_proj_weight.mul_(args.sharpen)
         dec.wdc.weight.mul_(args.sharpen)
+    pairs_dir = Path(args.pairs)
+    pairs = _pairs(pairs_dir.parent, None, args.random_pairs, args.seed, pairs_dir.name)
+    with torch.no_grad():  # random weights call nearly every pixel a change: move the no-change logit so that half
+        a, b = (torch.from_numpy(x.copy()).permute(2, 0, 1)[None].float() for x in pairs[0][1:])  # of the first pair
+        seg, _ = _peer_mci(enc, trans, dec, a, b, caption=False)  # is change, and the mask check means something
+        trans.to_seg[1].bias[0] += (seg[:, 1:].amax(1) - seg[:, 0]).median()
     results = {"family": "change-agent-mci", "peer_commit": args.commit or _commit(peer),
                "vocabulary": len(word_vocab)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -423,8 +444,6 @@ def run_change_agent_mci(args: argparse.Namespace) -> dict:
             raise SystemExit(f"import failed with exit code {code}")
         model = load_model_file(Path(tmp) / "mci-test.json")
         rev = {i: w for w, i in word_vocab.items()}
-        pairs_dir = Path(args.pairs)
-        pairs = _pairs(pairs_dir.parent, None, args.random_pairs, args.seed, pairs_dir.name)
         worst, worst_change, masks_equal, same_all, spread = 0.0, 0.0, True, True, []
         for name, a, b in pairs:
             ta = torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float()

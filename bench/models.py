@@ -36,7 +36,9 @@ HUGE = ("semantic-cc-vit-b", "semantic-cc-vit-l")
 # read from the peer's (key, shape) manifest, so the timing is of exactly what an imported model runs.
 PUBLISHED = {"bit:levir-cd": REPO / "tests" / "data" / "published" / "bit_base_transformer_pos_s4_dd8_dedim8.json",
              "rsiccformer:levir-cc": REPO / "tests" / "data" / "published"
-             / "rsiccformer_resnet101_MCCFormers_diff_as_Q_trans.json"}
+             / "rsiccformer_resnet101_MCCFormers_diff_as_Q_trans.json",
+             "change-agent-mci:levir-mci": REPO / "tests" / "data" / "published"
+             / "change_agent_mci_segformer-mit_b1.json"}
 
 
 def published_architecture(name: str):
