@@ -576,3 +576,28 @@ def test_change_agent_mci_refuses_unknown_layers_and_a_missing_word_map(tmp_path
     assert code == 2 and "encoder_trans.Transformer_aug.0.0.norm1.weight" in out and "did not fit" in out
     assert "Traceback" not in out and len(out.strip().splitlines()) == 1
     assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())  # nothing half-written
+
+
+def test_imported_change_agent_mci_runs_through_the_streaming_pipeline(tmp_path, capsys, mci_import):
+    """`changescribe detect --model` on the imported card: its own mask and captions, no detector paired."""
+    import numpy as np
+    import rasterio
+
+    from conftest import write_geotiff
+
+    card_path, _ = mci_import
+    rng = np.random.default_rng(4)
+    before = rng.integers(0, 256, (3, 256, 256), dtype=np.uint8)
+    after = before.copy()
+    after[:, 40:200, 60:220] = 255 - after[:, 40:200, 60:220]
+    b, a = write_geotiff(tmp_path / "before.tif", before), write_geotiff(tmp_path / "after.tif", after)
+    out, prob = tmp_path / "out.gpkg", tmp_path / "prob.tif"
+    code = cli_main(["detect", str(b), str(a), "-o", str(out), "--model", str(card_path), "--device", "cpu",
+                     "--probability", str(prob), "--tile-size", "256", "--overlap", "0", "--no-onnxruntime"])
+    text = capsys.readouterr().out
+    assert code == 0 and "scene caption:" in text
+    with rasterio.open(prob) as ds:
+        piped = ds.read(1)
+    model = load_model_file(card_path)
+    direct = model.change_probability(torch.from_numpy(before[None]).float(), torch.from_numpy(after[None]).float())
+    assert np.abs(piped - direct[0].numpy()).max() < 1e-4
