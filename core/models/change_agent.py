@@ -36,7 +36,7 @@ from torch import nn
 
 from .attention import FeedForward, MultiHeadAttention
 from .caption_decoder import CaptionDecoder
-from .mix_transformer import MIT_VARIANTS, MiTSpec, MixTransformer
+from .mix_transformer import MIT_VARIANTS, MiTSpec, MixTransformer, to_grid, to_tokens
 from .network import ChangeNetwork
 from .rsiccformer import BottleneckFusion
 
@@ -80,14 +80,6 @@ class MultiKernelDepthwise(nn.Module):
         return self.proj(F.gelu(self.norm(torch.cat([self.dw3(x), self.dw1x5(x), self.dw5x1(x)], 1))))
 
 
-def _tokens(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(2).transpose(1, 2)
-
-
-def _grid(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
-
-
 class DifferenceBlock(nn.Module):
     """One difference-aware block on (B, C, H, W) maps: ``x`` asks, ``context`` answers (see the module docstring)."""
 
@@ -109,9 +101,9 @@ class DifferenceBlock(nn.Module):
         # compares its whole batch; per pair here, which is the same at its batch size of 1).
         same = (q == c).flatten(1).all(1)
         kv = torch.where(same[:, None, None, None], c, kv)
-        qt = _tokens(q)
-        t = self.norm1(self.attn(qt, _tokens(kv)) + qt)
-        return _grid(self.norm2(self.ffn(t) + t), h, w)
+        qt = to_tokens(q)
+        t = self.norm1(self.attn(qt, to_tokens(kv)) + qt)
+        return to_grid(self.norm2(self.ffn(t) + t), h, w)
 
 
 class GridPosition(nn.Module):
@@ -203,7 +195,7 @@ class ChangeAgentMCI(ChangeNetwork):
         for block_a, block_b in self.cc_neck:
             a, b = block_a(a, b), block_b(b, a)
         x = self.cap_fuse(self.cap_proj(torch.cat([a, b], 1)))
-        return _tokens(x), None
+        return to_tokens(x), None
 
     def forward(self, before: torch.Tensor, after: torch.Tensor,
                 tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -48,12 +48,12 @@ class MiTSpec:
     in_channels: int = 3
 
 
-def _tokens(x: torch.Tensor) -> torch.Tensor:
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H*W, C), row-major."""
     return x.flatten(2).transpose(1, 2)
 
 
-def _grid(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+def to_grid(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """(B, H*W, C) -> (B, C, H, W)."""
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
 
@@ -69,7 +69,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         x = self.proj(x)
         h, w = x.shape[-2:]
-        return self.norm(_tokens(x)), h, w
+        return self.norm(to_tokens(x)), h, w
 
 
 class ReducedAttention(nn.Module):
@@ -87,7 +87,7 @@ class ReducedAttention(nn.Module):
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         context = x
         if self.reduction > 1:
-            context = self.reduce_norm(_tokens(self.reduce(_grid(x, h, w))))
+            context = self.reduce_norm(to_tokens(self.reduce(to_grid(x, h, w))))
         return self.attn(x, context)
 
 
@@ -101,7 +101,7 @@ class MixFFN(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        return self.fc2(F.gelu(_tokens(self.dwconv(_grid(self.fc1(x), h, w)))))
+        return self.fc2(F.gelu(to_tokens(self.dwconv(to_grid(self.fc1(x), h, w)))))
 
 
 class MiTBlock(nn.Module):
@@ -139,7 +139,7 @@ class MixTransformer(nn.Module):
         t, h, w = self.embeds[i](x)
         for block in self.stages[i]:
             t = block(t, h, w)
-        return _grid(self.norms[i](t), h, w)
+        return to_grid(self.norms[i](t), h, w)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         maps = []
