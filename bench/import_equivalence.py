@@ -470,6 +470,7 @@ def run_change_agent_mci(args: argparse.Namespace) -> dict:
             print(f"{name:20s} max |p_peer - p_ours| 3 classes {diff:.2e}, change {change_diff:.2e}  masks equal: "
                   f"{same_mask}  captions equal: {same}  change share {float((seg.argmax(1) != 0).float().mean()):.2f}"
                   f"  peer: {' '.join(words)[:50]!r}")
+        identical = _identical_dates(enc, trans, dec, model, pairs[0])
         worst64 = 0.0  # the same in float64: what remains of the float32 difference is rounding, not the ops
         enc.double(), trans.double(), dec.double(), model.module.double()
         for name, a, b in pairs:
@@ -488,9 +489,39 @@ def run_change_agent_mci(args: argparse.Namespace) -> dict:
             results["pairs_per_s"] = _time_mci(enc, trans, dec, model, args.time_batch, args.seed)
     results.update(pairs=len(pairs), max_abs_diff=worst, max_abs_diff_change=worst_change,
                    max_abs_diff_float64=worst64, masks_equal=masks_equal, captions_equal=same_all,
-                   probability_std_min=min(spread),
-                   ok=worst < 1e-4 and worst_change < 1e-4 and masks_equal and same_all and worst64 < 1e-9)
+                   probability_std_min=min(spread), identical_dates=identical,
+                   ok=worst < 1e-4 and worst_change < 1e-4 and masks_equal and same_all and worst64 < 1e-9
+                   and identical["max_abs_diff"] < 1e-4 and identical["captions_equal"])
     return results
+
+
+def _identical_dates(enc, trans, dec, model, pair: tuple) -> dict:
+    """The original's other branch: with both dates equal and each block's two local branches given the same
+    weights, query and context are equal at the first block of each branch, and the original then takes keys and
+    values from the context itself (its ``not x1.equal(x2)`` test). Both models get the same weights; compared on
+    (before, before) of ``pair``."""
+    from changescribe.core.model_api import normalise
+
+    with torch.no_grad():
+        for group in (trans.Transformer_aug_CD, trans.Dynamic_DIF_aware_TR):
+            for layer in group:
+                for block in list(layer)[:2]:
+                    block.K_d_conv.load_state_dict(block.Q_d_conv.state_dict())
+        for neck in (model.module.cd_neck, model.module.cc_neck):
+            for blocks in neck:
+                for block in blocks:
+                    block.context_local.load_state_dict(block.query_local.state_dict())
+        ta = torch.from_numpy(pair[1].copy()).permute(2, 0, 1)[None].float()
+        seg, peer_ids = _peer_mci(enc, trans, dec, ta, ta)
+        x = normalise(ta, model.input_spec)
+        feats = model.module.encode(x, x)
+        ours = model.module.class_logits(feats)
+        our_ids = model.module.decoder.generate(model.module.caption_memory(feats)[0])[0].tolist()
+    our_ids = our_ids[:our_ids.index(3)] if 3 in our_ids else our_ids
+    out = {"max_abs_diff": float((seg.softmax(1) - ours.softmax(1)).abs().max()), "captions_equal": peer_ids == our_ids}
+    print(f"{pair[0]} twice, local branches shared: max |p_peer - p_ours| 3 classes {out['max_abs_diff']:.2e}  "
+          f"captions equal: {out['captions_equal']}")
+    return out
 
 
 def _time_mci(enc, trans, dec, model, batch: int, seed: int, reps: int = 3) -> dict:

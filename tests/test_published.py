@@ -601,3 +601,28 @@ def test_imported_change_agent_mci_runs_through_the_streaming_pipeline(tmp_path,
     model = load_model_file(card_path)
     direct = model.change_probability(torch.from_numpy(before[None]).float(), torch.from_numpy(after[None]).float())
     assert np.abs(piped - direct[0].numpy()).max() < 1e-4
+
+
+def test_mci_block_takes_keys_from_the_context_when_query_and_context_are_equal():
+    """Change-Agent's block attends to ReLU(BN(1x1(q * (c - q)))), but to c itself where q and c are identical (its
+    ``not x1.equal(x2)`` test, over its batch of 1; per pair here), written out by hand."""
+    from changescribe.core.models.change_agent import DifferenceBlock
+
+    torch.manual_seed(0)
+    blk = DifferenceBlock(16, 4, 0.0).eval()
+    blk.context_local.load_state_dict(blk.query_local.state_dict())  # equal inputs then give q == c exactly
+    x, y = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
+    context = torch.stack([x[0], y[1]])  # pair 0: the same map twice; pair 1: two different maps
+
+    def block(q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        qt, kvt = q.flatten(2).transpose(1, 2), kv.flatten(2).transpose(1, 2)
+        t = blk.norm1(blk.attn(qt, kvt) + qt)
+        return blk.norm2(blk.ffn(t) + t).transpose(1, 2).reshape(q.shape)
+
+    with torch.no_grad():
+        q, c = x + blk.query_local(x), context + blk.context_local(context)
+        fused = blk.kv_fuse(q * (c - q))
+        out = blk(x, context)
+        assert torch.allclose(out[:1], block(q[:1], c[:1]), atol=1e-5)
+        assert torch.allclose(out[1:], block(q[1:], fused[1:]), atol=1e-5)
+        assert not torch.allclose(out[:1], block(q[:1], fused[:1]), atol=1e-3)  # the two branches really differ
