@@ -444,7 +444,7 @@ def run_change_agent_mci(args: argparse.Namespace) -> dict:
             raise SystemExit(f"import failed with exit code {code}")
         model = load_model_file(Path(tmp) / "mci-test.json")
         rev = {i: w for w, i in word_vocab.items()}
-        worst, worst_change, masks_equal, same_all, spread = 0.0, 0.0, True, True, []
+        worst, worst_change, masks_equal, same_all, spread, captions = 0.0, 0.0, True, True, [], set()
         for name, a, b in pairs:
             ta = torch.from_numpy(a.copy()).permute(2, 0, 1)[None].float()
             tb = torch.from_numpy(b.copy()).permute(2, 0, 1)[None].float()
@@ -467,6 +467,7 @@ def run_change_agent_mci(args: argparse.Namespace) -> dict:
             worst, worst_change = max(worst, diff), max(worst_change, change_diff)
             masks_equal, same_all = masks_equal and same_mask, same_all and same
             spread.append(float(peer_change.std()))
+            captions.add(tuple(peer_ids))
             print(f"{name:20s} max |p_peer - p_ours| 3 classes {diff:.2e}, change {change_diff:.2e}  masks equal: "
                   f"{same_mask}  captions equal: {same}  change share {float((seg.argmax(1) != 0).float().mean()):.2f}"
                   f"  peer: {' '.join(words)[:50]!r}")
@@ -489,7 +490,7 @@ def run_change_agent_mci(args: argparse.Namespace) -> dict:
             results["pairs_per_s"] = _time_mci(enc, trans, dec, model, args.time_batch, args.seed)
     results.update(pairs=len(pairs), max_abs_diff=worst, max_abs_diff_change=worst_change,
                    max_abs_diff_float64=worst64, masks_equal=masks_equal, captions_equal=same_all,
-                   probability_std_min=min(spread), identical_dates=identical,
+                   probability_std_min=min(spread), distinct_captions=len(captions), identical_dates=identical,
                    ok=worst < 1e-4 and worst_change < 1e-4 and masks_equal and same_all and worst64 < 1e-9
                    and identical["max_abs_diff"] < 1e-4 and identical["captions_equal"])
     return results
