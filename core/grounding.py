@@ -188,8 +188,7 @@ def region_facts(geom, area_m2: float, scene: Bounds, pixels: PixelFacts | None 
     """Facts of a region polygon (in a projected or the grid's CRS) inside the scene's bounds (same CRS)."""
     perimeter = geom.length
     compactness = 4 * math.pi * geom.area / perimeter ** 2 if perimeter > 0 else 0.0
-    rect = geom.minimum_rotated_rectangle
-    xs, ys = rect.exterior.coords.xy if rect.geom_type == "Polygon" else ([0, 0], [0, 0])
+    xs, ys = _rotated_rectangle(geom)
     sides = [(math.hypot(xs[i + 1] - xs[i], ys[i + 1] - ys[i]), xs[i + 1] - xs[i], ys[i + 1] - ys[i])
              for i in range(min(2, len(xs) - 1))]
     sides.sort()
@@ -200,6 +199,37 @@ def region_facts(geom, area_m2: float, scene: Bounds, pixels: PixelFacts | None 
     fx, fy = (c.x - scene[0]) / w, (scene[3] - c.y) / h
     return RegionFacts(float(area_m2), float(compactness), float(elongation), compass_words(fx, fy),
                        round(bearing, 1), float(fx), float(fy), pixels)
+
+
+def _rotated_rectangle(geom) -> tuple[list[float], list[float]]:
+    """The corners (xs, ys) of ``geom``'s minimum rotated rectangle, the very floats shapely 1.8's
+    ``minimum_rotated_rectangle`` gives ([0, 0], [0, 0] when the convex hull is a point or a line).
+
+    Shapely turns the whole hull once per hull edge in Python, which cost more than the rest of a region's facts;
+    here every edge's turned hull is one numpy product, with the same operations in the same order (and the
+    envelope's area as GEOS computes it), so the same edge wins and the same corners come out.
+    """
+    hull = geom.convex_hull
+    if hull.geom_type != "Polygon":
+        return [0, 0], [0, 0]
+    pts = hull.exterior.coords[:]
+    units = []
+    for (x1, y1), (x2, y2) in zip(pts, pts[1:]):
+        dx, dy = x2 - x1, y2 - y1
+        length = math.sqrt(dx ** 2 + dy ** 2)
+        units.append((dx / length, dy / length))
+    u = np.array(units)
+    ux, uy = u[:, :1], u[:, 1:]
+    x, y = np.array(pts).T
+    tx = ux * x + uy * y + 0.0    # the hull turned onto each edge (rows): shapely's affine_transform with
+    ty = -uy * x + ux * y + 0.0   # (ux, uy, vx, vy, 0, 0), v = (-uy, ux)
+    x0, x1, y0, y1 = tx.min(axis=1), tx.max(axis=1), ty.min(axis=1), ty.max(axis=1)
+    k = int(np.argmin((x1 - x0) * (y1 - y0)))  # the first smallest envelope, as Python's min() picks it
+    a, b = units[k]
+    vx, vy = -b, a
+    corners = [(float(x0[k]), float(y0[k])), (float(x1[k]), float(y0[k])), (float(x1[k]), float(y1[k])),
+               (float(x0[k]), float(y1[k])), (float(x0[k]), float(y0[k]))]
+    return [a * cx + vx * cy + 0 for cx, cy in corners], [b * cx + vy * cy + 0 for cx, cy in corners]
 
 
 class PixelMeter:
@@ -304,37 +334,41 @@ def measure_window(pair: "AlignedPair", geom) -> Window:
 def measure_regions(pair: "AlignedPair", prob_path: str | os.PathLike | None, geoms: Iterable, threshold: float,
                     band_pixels: int = 2**20) -> list[PixelFacts | None]:
     """Pixel facts of regions (polygons in the grid's CRS): the aligned pair (:class:`.raster_pair.AlignedPair`)
-    and the model's probability raster are read over each region's :func:`measure_window`, a band of rows at a
-    time, so memory stays that of a band.
+    and the model's probability raster are read over each region's :func:`measure_window`, many small windows in
+    one block (:func:`.regions.region_blocks`) and a large one in bands of rows, so memory stays that of a band.
 
     The probability raster is a run's (the whole grid) or covers at least the windows of the regions given (an
     area's own, :func:`.captioning.caption_areas`). Without one (a captioner that cannot detect) no mask is
     measured: ``objects`` is None and all valid ground around the region is its background."""
     import rasterio
-    from rasterio.features import geometry_mask
-    from rasterio.windows import Window, transform as window_transform
+    from rasterio.windows import Window
 
-    out: list[PixelFacts | None] = []
+    from .regions import region_blocks
+
+    geoms = list(geoms)
+    windows = [measure_window(pair, geom) for geom in geoms]
+    out: list[PixelFacts | None] = [None] * len(geoms)
+    meters: dict[int, PixelMeter] = {}
     with (rasterio.open(prob_path) if prob_path is not None else contextlib.nullcontext()) as prob_src:
         # where the probability raster starts on the grid (0, 0 for a whole run's)
         dx, dy = ((int(round(v)) for v in ~pair.grid.transform * (prob_src.transform.c, prob_src.transform.f))
                   if prob_src is not None else (0, 0))
-        for geom in geoms:
-            col, row, w, h = (int(v) for v in measure_window(pair, geom).flatten())
-            meter = PixelMeter(h, w)
-            band = max(1, band_pixels // max(w, 1))
-            for r in range(row, row + h, band):
-                part = Window(col, r, w, min(band, row + h - r))
-                before, after, valid = pair.read(part)
-                region = ~geometry_mask([geom], out_shape=valid.shape,
-                                        transform=window_transform(part, pair.grid.transform))
-                if prob_src is None:
-                    meter.add(r - row, before, after, region & valid, None, valid & ~region)
-                    continue
-                prob = prob_src.read(1, window=Window(col - dx, r - dy, w, part.height))
-                change = prob >= threshold
-                meter.add(r - row, before, after, region & valid, change, valid & ~region & ~change & (prob >= 0))
-            out.append(meter.facts())
+        for block, parts in region_blocks(geoms, windows, pair.grid.transform, band_pixels):
+            before, after, valid = pair.read(block)
+            prob = (prob_src.read(1, window=Window(block.col_off - dx, block.row_off - dy, block.width,
+                                                   block.height)) if prob_src is not None else None)
+            for part in parts:
+                i, at = part.index, (part.rows, part.cols)
+                meter = meters.setdefault(i, PixelMeter(int(windows[i].height), int(windows[i].width)))
+                b, a, v, region = before[(slice(None), *at)], after[(slice(None), *at)], valid[at], part.inside
+                if prob is None:
+                    meter.add(part.row, b, a, region & v, None, v & ~region)
+                else:
+                    p = prob[at]
+                    change = p >= threshold
+                    meter.add(part.row, b, a, region & v, change, v & ~region & ~change & (p >= 0))
+                if part.last:
+                    out[i] = meters.pop(i).facts()
     return out
 
 

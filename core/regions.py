@@ -19,12 +19,15 @@ import numpy as np
 import pandas as pd
 import rasterio
 from pyproj import Geod
-from rasterio.features import geometry_mask, shapes
+from affine import Affine
+from rasterio.enums import MergeAlg
+from rasterio.features import geometry_mask, rasterize, shapes
 from rasterio.windows import Window
 from rasterio.windows import from_bounds as window_from_bounds
+from rasterio.windows import transform as window_transform
 from scipy import ndimage
-from shapely.geometry import GeometryCollection, MultiPolygon, Polygon, shape
-from shapely.ops import unary_union
+from shapely.geometry import GeometryCollection, MultiPolygon, Polygon, mapping, shape
+from shapely.ops import clip_by_rect, unary_union
 from shapely.validation import make_valid
 
 from .run_control import RunControl
@@ -35,6 +38,9 @@ log = logging.getLogger(__name__)
 # the raster's width, so memory stays the same for wider rasters. Read at call time: tests shrink it.
 STRIP_PIXELS = 2**20
 MIN_STRIP_ROWS = 64
+# Most pixels read at once for the windows of many small regions (:func:`region_blocks`): a larger block is split, so
+# the blocks stay close to the windows they serve (reads cost the compressed tiles they touch).
+BLOCK_PIXELS = 2**18
 HALO = 4
 _STRUCT = ndimage.generate_binary_structure(2, 2)  # 8-connected 3×3
 
@@ -96,7 +102,7 @@ def iter_polygons(prob_path: str | Path, threshold: float = 0.5, cleanup: int = 
             counters.strips += 1
             counters.peak_held = max(counters.peak_held, len(pieces) + sum(len(g.pieces) for g in held))
             on_top = [top > 0 and _touches_row(p, transform, top) for p in pieces]
-            groups = _join(held, [p for p, t in zip(pieces, on_top) if t])
+            groups = _join(held, [p for p, t in zip(pieces, on_top) if t], _seam_box(transform, width, top))
             groups += [_Open([p], [p]) for p, t in zip(pieces, on_top) if not t]
             held, done, last = [], [], bottom >= height
             for group in groups:
@@ -118,11 +124,23 @@ class _Open:
     frontier: list
 
 
-def _join(held: list[_Open], joining: list) -> list[_Open]:
+def _seam_box(transform: Affine, width: int, row: int) -> tuple[float, float, float, float] | None:
+    """The band half a pixel above and below the seam at ``row`` (minx, miny, maxx, maxy); None on a rotated grid."""
+    if transform.b != 0 or transform.d != 0:
+        return None
+    y, half = (transform * (0, row))[1], abs(transform.e) / 2
+    x0, x1 = sorted((transform.c, transform.c + transform.a * width))
+    return x0 - abs(transform.a), y - half, x1 + abs(transform.a), y + half
+
+
+def _join(held: list[_Open], joining: list, seam: tuple[float, float, float, float] | None = None) -> list[_Open]:
     """Group the new pieces on a seam with the held groups whose frontier they meet (by union-find).
 
     Pieces meeting only at a corner are grouped too: the final union keeps them apart, as separate polygons.
-    Held groups that meet no new piece come back alone, with an empty frontier: they are finished.
+    Held groups that meet no new piece come back alone, with an empty frontier: they are finished. The pieces lie
+    on either side of the seam, so they can only meet on it: they are tested on their parts within half a pixel of
+    it (``seam``: that box, :func:`_seam_box`), which keeps the pieces of a region spanning the raster from costing
+    their whole outline at each test.
     """
     parent = list(range(len(held) + len(joining)))
 
@@ -136,10 +154,15 @@ def _join(held: list[_Open], joining: list) -> list[_Open]:
     owner = [i for i, g in enumerate(held) for _ in g.frontier]
     if frontier and joining:
         fx = np.array([f.bounds for f in frontier])[:, [0, 2]]  # x-extents: all meet the same seam line
+        near: dict[int, object] = {}  # frontier pieces cut to the seam, as they are needed
         for j, piece in enumerate(joining):
             x0, _, x1, _ = piece.bounds
-            for k in np.flatnonzero((fx[:, 0] <= x1) & (fx[:, 1] >= x0)):
-                if piece.intersects(frontier[k]):
+            candidates = np.flatnonzero((fx[:, 0] <= x1) & (fx[:, 1] >= x0))
+            cut = clip_by_rect(piece, *seam) if seam is not None and len(candidates) else piece
+            for k in candidates:
+                if k not in near:
+                    near[k] = clip_by_rect(frontier[k], *seam) if seam is not None else frontier[k]
+                if cut.intersects(near[k]):
                     parent[find(len(held) + j)] = find(owner[k])
     groups: dict[int, _Open] = {}
     for i, g in enumerate(held):
@@ -203,34 +226,210 @@ def area_m2(geoms: list, crs: rasterio.crs.CRS) -> np.ndarray:
 
 
 def region_statistics(prob_path: str | Path, geoms: list) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and max change probability inside each polygon, read window by window.
+    """Mean and max change probability inside each polygon (pixel centres inside it), read block by block.
 
-    A region's window is read in bands of rows of at most :data:`STRIP_PIXELS`, so one huge region (a long road,
-    a flooded plain) costs no more memory than a strip.
+    The regions' windows are read as :func:`region_blocks` of at most :data:`STRIP_PIXELS`; a region larger than
+    that is read in bands of rows, so one huge region (a long road, a flooded plain) costs no more memory than a
+    strip.
     """
-    means = np.zeros(len(geoms))
-    maxes = np.zeros(len(geoms))
+    total, count, peak = [0.0] * len(geoms), [0] * len(geoms), [0.0] * len(geoms)
     with rasterio.open(prob_path) as src:
-        for i, g in enumerate(geoms):
-            win = window_from_bounds(*g.bounds, transform=src.transform)
-            win = win.round_offsets(op="floor").round_lengths(op="ceil")
-            win = win.intersection(Window(0, 0, src.width, src.height))
-            col, row, w, h = (int(v) for v in (win.col_off, win.row_off, win.width, win.height))
-            band = max(1, STRIP_PIXELS // max(w, 1))
-            total, count, peak = 0.0, 0, 0.0
-            for r in range(row, row + h, band):
-                part = Window(col, r, w, min(band, row + h - r))
-                prob = src.read(1, window=part)
-                inside = ~geometry_mask([g], out_shape=prob.shape, transform=src.window_transform(part),
-                                        all_touched=False)
-                vals = prob[inside & (prob >= 0)]
+        windows = [pixel_window(g, src.transform, src.width, src.height) for g in geoms]
+        for block, parts in region_blocks(geoms, windows, src.transform, STRIP_PIXELS):
+            prob = src.read(1, window=block)
+            for part in parts:
+                sub = prob[part.rows, part.cols]
+                vals = sub[part.inside & (sub >= 0)]
                 if vals.size:
-                    total += float(vals.sum(dtype=np.float64))
-                    peak = max(peak, float(vals.max()))
-                    count += vals.size
-            if count:
-                means[i], maxes[i] = total / count, peak
+                    i = part.index
+                    total[i] += float(vals.sum(dtype=np.float64))
+                    peak[i] = max(peak[i], float(vals.max()))
+                    count[i] += vals.size
+    means = np.array([t / n if n else 0.0 for t, n in zip(total, count)], dtype=np.float64)
+    maxes = np.array([p if n else 0.0 for p, n in zip(peak, count)], dtype=np.float64)
     return means, maxes
+
+
+def pixel_window(geom, transform: Affine, width: int, height: int) -> Window:
+    """The window a polygon's pixels are read over: its bounds (offsets rounded down, lengths up) inside the grid."""
+    win = window_from_bounds(*geom.bounds, transform=transform)
+    win = win.round_offsets(op="floor").round_lengths(op="ceil")
+    return win.intersection(Window(0, 0, width, height))
+
+
+@dataclass(frozen=True)
+class RegionPart:
+    """A region's pixels in one block of :func:`region_blocks`: rows ``row``... of the region's window, at
+    ``rows, cols`` of the block; ``inside`` says which pixel centres lie in the region (what ``geometry_mask`` gives
+    the region alone); ``last``: the region's last part."""
+
+    index: int
+    row: int
+    rows: slice
+    cols: slice
+    inside: np.ndarray
+    last: bool
+
+
+def region_blocks(geoms: list, windows: list[Window], transform: Affine,
+                  band_pixels: int) -> Iterator[tuple[Window, list[RegionPart]]]:
+    """The regions' windows on a grid, read as few blocks of at most ``band_pixels`` as possible: (block, the
+    parts of regions in it) for the caller to read the block once and measure each region on its slice.
+
+    Reading and rasterizing each region's window alone cost about a millisecond of GDAL calls per region, which
+    made the per-region statistics of a run with thousands of small regions cost more than its model. Windows of at
+    most ``band_pixels`` are gathered into blocks of nearby windows (:func:`_pack`, at most :data:`BLOCK_PIXELS`
+    unless one window is larger) and their regions rasterized in one call (a label image); a region whose pixels may
+    overlap another's gets its own mask, so every region sees exactly the pixels it would alone. A larger window is a block of its own, read in bands of rows of at most ``band_pixels``, so memory
+    stays that of a band however large a region is.
+    """
+    sizes = [int(w.width) * int(w.height) for w in windows]
+    boxes = {i: (int(w.row_off), int(w.row_off + w.height), int(w.col_off), int(w.col_off + w.width))
+             for i, w in enumerate(windows) if 0 < sizes[i] <= band_pixels}
+    for members in _pack(sorted(boxes), boxes, min(band_pixels, BLOCK_PIXELS)) if boxes else ():
+        yield _block(geoms, windows, transform, members, _union([boxes[i] for i in members]))
+    for i in (i for i, n in enumerate(sizes) if n > band_pixels):
+        col, row, w, h = (int(v) for v in (windows[i].col_off, windows[i].row_off, windows[i].width,
+                                           windows[i].height))
+        polygons = _rings(geoms[i], transform)  # read once for all its bands
+        band = max(1, band_pixels // w)
+        for r in range(row, row + h, band):
+            part = Window(col, r, w, min(band, row + h - r))
+            shape_r = _band_shape(polygons, r - 1, r + int(part.height) + 1)
+            inside = (np.zeros((int(part.height), w), bool) if shape_r is None else
+                      ~geometry_mask([shape_r], out_shape=(int(part.height), w),
+                                     transform=window_transform(part, transform)))
+            yield part, [RegionPart(i, r - row, slice(None), slice(None), inside, r + band >= row + h)]
+
+
+def _union(boxes: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
+    """The (row0, row1, col0, col1) box around boxes."""
+    r0, r1, c0, c1 = zip(*boxes)
+    return min(r0), max(r1), min(c0), max(c1)
+
+
+def _pack(members: list[int], boxes: dict[int, tuple[int, int, int, int]], limit: int) -> Iterator[list[int]]:
+    """Groups of windows (row0, row1, col0, col1) whose union is at most ``limit`` pixels: the group is halved
+    across its longer side, at the median of the windows' centres, until it fits (a k-d split), so the blocks
+    read stay close to the windows they serve."""
+    r0, r1, c0, c1 = _union([boxes[i] for i in members])
+    if len(members) == 1 or (r1 - r0) * (c1 - c0) <= limit:
+        yield members
+        return
+    axis = 0 if r1 - r0 >= c1 - c0 else 2
+    ordered = sorted(members, key=lambda i: (boxes[i][axis] + boxes[i][axis + 1], i))
+    half = len(ordered) // 2
+    yield from _pack(ordered[:half], boxes, limit)
+    yield from _pack(ordered[half:], boxes, limit)
+
+
+def _block(geoms: list, windows: list[Window], transform: Affine, members: list[int],
+           box: tuple[int, int, int, int]) -> tuple[Window, list[RegionPart]]:
+    """One block of :func:`region_blocks`: its members rasterized as a label image (value k + 1: the k-th member)."""
+    r0, r1, c0, c1 = box
+    block = Window(c0, r0, c1 - c0, r1 - r0)
+    block_transform = window_transform(block, transform)
+    shape_ = (r1 - r0, c1 - c0)
+    labels = rasterize([(geoms[i], k + 1) for k, i in enumerate(members)], out_shape=shape_,
+                       transform=block_transform, fill=0, dtype="uint32")
+    # Pixels of two regions (a corner after simplification, a given area's parts) take the label drawn last: a
+    # region whose pixel extent meets another's gets its own mask where the two really overlap.
+    extents = np.array([_pixel_extent(geoms[i].bounds, ~block_transform) for i in members])
+    meets = _meeting(extents)
+    overlap = None
+    if meets.any():
+        overlap = rasterize([(geoms[members[k]], 1) for k in np.flatnonzero(meets)], out_shape=shape_,
+                            transform=block_transform, fill=0, dtype="uint16", merge_alg=MergeAlg.add) > 1
+    parts = []
+    for k, i in enumerate(members):
+        w = windows[i]
+        rows = slice(int(w.row_off) - r0, int(w.row_off + w.height) - r0)
+        cols = slice(int(w.col_off) - c0, int(w.col_off + w.width) - c0)
+        er0, er1, ec0, ec1 = (int(np.clip(v, 0, n)) for v, n in zip(extents[k], (shape_[0],) * 2 + (shape_[1],) * 2))
+        if overlap is not None and meets[k] and overlap[er0:er1, ec0:ec1].any():
+            inside = ~geometry_mask([geoms[i]], out_shape=(int(w.height), int(w.width)),
+                                    transform=window_transform(w, transform))
+        else:
+            inside = labels[rows, cols] == k + 1
+        parts.append(RegionPart(i, 0, rows, cols, inside, True))
+    return block, parts
+
+
+@dataclass
+class _Ring:
+    """A polygon ring on the grid: coordinates (n, 2), their rows, the rows it spans, and as GeoJSON."""
+
+    xy: np.ndarray
+    rows: np.ndarray
+    top: float
+    bottom: float
+    geojson: tuple
+
+
+def _rings(geom, transform: Affine) -> list[list[_Ring]]:
+    """Each polygon of ``geom`` as its rings (exterior first)."""
+    inv = ~transform
+    gj = mapping(geom)
+    out = []
+    for poly in (gj["coordinates"] if gj["type"] == "MultiPolygon" else [gj["coordinates"]]):
+        rings = []
+        for ring in poly:
+            xy = np.asarray(ring, dtype=np.float64)[:, :2]
+            rows = inv.d * xy[:, 0] + inv.e * xy[:, 1] + inv.f
+            rings.append(_Ring(xy, rows, float(rows.min()), float(rows.max()), ring))
+        out.append(rings)
+    return out
+
+
+def _band_shape(polygons: list[list[_Ring]], lo: float, hi: float) -> dict | None:
+    """A polygon reduced to the edges that reach rows ``lo``..``hi`` (GeoJSON), None when none does.
+
+    GDAL fills a polygon row by row between the crossings of the row's pixel centres with its edges, looping over
+    every edge for every row, so a region with 10⁵ edges cost 10⁵ per row of each band. The edges that cross a row
+    of the band are kept exactly; the runs of them are joined by straight segments between points that all lie
+    above (or all below) the band, as the edges they replace did, so no row of the band crosses them: the band's
+    pixels are those of the whole polygon, at the cost of its own edges.
+    """
+    out = []
+    for rings in polygons:
+        if rings[0].bottom < lo or rings[0].top > hi:  # the exterior does not reach the band: nothing of it does
+            continue
+        kept = []
+        for ring in rings:
+            if ring.bottom < lo or ring.top > hi:
+                continue
+            if lo <= ring.top and ring.bottom <= hi:
+                kept.append(ring.geojson)
+                continue
+            y0, y1 = ring.rows[:-1], ring.rows[1:]
+            keep = (np.minimum(y0, y1) <= hi) & (np.maximum(y0, y1) >= lo)
+            n = len(keep)
+            order = (np.arange(n) + int(np.argmin(keep)) + 1) % n  # edges after a dropped one, cyclically
+            on = keep[order]
+            starts = on & ~np.roll(on, 1)  # the first edge of each run: its start point is kept too
+            edges = order[on]
+            pick = np.stack([edges, edges + 1], axis=1)[np.stack([starts[on], np.ones(len(edges), bool)], axis=1)]
+            kept.append(np.vstack([ring.xy[pick], ring.xy[pick[:1]]]).tolist())
+        out.append(kept)
+    return {"type": "MultiPolygon", "coordinates": out} if out else None
+
+
+def _pixel_extent(bounds: tuple[float, float, float, float], inverse: Affine) -> tuple[int, int, int, int]:
+    """(row0, row1, col0, col1): pixels any of whose centres could lie in the bounds (rounded outwards)."""
+    xs, ys = zip(*(inverse * (x, y) for x in bounds[::2] for y in bounds[1::2]))
+    return (int(np.floor(min(ys))), int(np.ceil(max(ys))), int(np.floor(min(xs))), int(np.ceil(max(xs))))
+
+
+def _meeting(extents: np.ndarray, chunk: int = 512) -> np.ndarray:
+    """For each (row0, row1, col0, col1) extent, whether it shares a pixel with another one."""
+    out = np.zeros(len(extents), bool)
+    for s in range(0, len(extents), chunk):
+        e = extents[s:s + chunk, None, :]
+        hit = ((e[..., 0] < extents[None, :, 1]) & (extents[None, :, 0] < e[..., 1]) &
+               (e[..., 2] < extents[None, :, 3]) & (extents[None, :, 2] < e[..., 3]))
+        hit[np.arange(len(e)), np.arange(s, s + len(e))] = False
+        out[s:s + chunk] = hit.any(axis=1)
+    return out
 
 
 def iter_regions(prob_path: str | Path, threshold: float = 0.5, min_area_m2: float = 0.0, cleanup: int = 1,

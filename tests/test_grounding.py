@@ -221,3 +221,25 @@ def test_facts_on_generated_scenes_with_known_geometry():
     assert np.mean(hits) >= 0.5, np.mean(hits)
     lost = [facts.pixels for truth, _, facts in regions if truth == VEG_LOST]
     assert lost and all(p.d_greenness < 0 for p in lost)
+
+
+def test_rotated_rectangle_is_shapely_s_to_the_last_bit():
+    """Elongation and orientation come from the minimum rotated rectangle: computed for all hull edges at once,
+    it is the very rectangle shapely's ``minimum_rotated_rectangle`` gives (ties included: squares, discs)."""
+    from shapely.affinity import rotate
+    from shapely.geometry import MultiPolygon
+
+    from changescribe.core.grounding import _rotated_rectangle
+
+    rng = np.random.default_rng(3)
+    shapes = [box(0, 0, 10, 10), Point(3, 4).buffer(5), LineString([(0, 0), (1, 1)]), Point(1, 1),
+              MultiPolygon([box(0, 0, 2, 2), box(5, 1, 9, 3)]), LineString([(0, 0), (200, 5)]).buffer(3)]
+    for _ in range(300):
+        x, y = rng.uniform(3e5, 4e5), rng.uniform(4e6, 5e6)
+        w, h = rng.integers(1, 60, 2) * 0.6
+        shapes.append(rotate(box(x, y, x + w, y + h), float(rng.uniform(0, 180))))
+        shapes.append(Polygon(rng.uniform(0, 50, (int(rng.integers(3, 12)), 2)) + (x, y)).convex_hull)
+    for geom in shapes:
+        rect = geom.minimum_rotated_rectangle
+        want = [list(v) for v in rect.exterior.coords.xy] if rect.geom_type == "Polygon" else [[0, 0], [0, 0]]
+        assert [list(v) for v in _rotated_rectangle(geom)] == want

@@ -188,3 +188,44 @@ def test_statistics_of_a_region_larger_than_a_strip_are_read_in_bands(tmp_path, 
     inside = prob[prob >= 0.5]
     assert whole[0][0] == pytest.approx(inside.mean(), rel=1e-6) and whole[1][0] == pytest.approx(0.95)
     np.testing.assert_allclose(banded, whole, rtol=1e-9)
+
+
+def test_region_blocks_give_each_region_the_pixels_it_has_alone():
+    """Regions read together (small ones in shared blocks, large ones in bands reduced to the edges that reach
+    them) see exactly the pixels ``geometry_mask`` gives each alone, overlapping polygons included, and no block
+    is larger than asked."""
+    from rasterio.features import geometry_mask
+    from rasterio.windows import transform as window_transform
+    from shapely.affinity import rotate
+    from shapely.geometry import MultiPolygon, Point, box
+
+    from changescribe.core.regions import pixel_window, region_blocks
+
+    transform = from_origin(366676.8, 4104256.44, 0.6, 0.67)  # real-world origin and non-square pixels
+    width, height = 300, 260
+
+    def at(col, row):
+        return transform * (col, row)
+
+    rng = np.random.default_rng(5)
+    geoms = [Point(*at(*rng.uniform(5, 250, 2))).buffer(rng.uniform(0.5, 6)) for _ in range(60)]
+    geoms += [rotate(box(*at(40, 60), *at(70, 40)), 30), box(*at(55, 60), *at(90, 45))]  # overlapping
+    geoms += [MultiPolygon([box(*at(200, 30), *at(220, 10)), box(*at(210, 35), *at(230, 15))])]  # parts overlap
+    ring = Point(*at(150, 130)).buffer(70, 64)
+    holes = [Point(*at(150 + dx, 130 + dy)).buffer(8) for dx in (-30, 0, 30) for dy in (-30, 0, 30)]
+    geoms.append(ring.difference(MultiPolygon(holes)))  # larger than a block: read in bands
+    windows = [pixel_window(g, transform, width, height) for g in geoms]
+    band_pixels = 40 * 120
+    seen = [np.zeros((int(w.height), int(w.width)), np.uint8) for w in windows]
+    last = [0] * len(geoms)
+    for block, parts in region_blocks(geoms, windows, transform, band_pixels):
+        assert block.width * block.height <= band_pixels
+        for part in parts:
+            rows = part.inside.shape[0]
+            seen[part.index][part.row:part.row + rows] += part.inside
+            last[part.index] += part.last
+    assert any(int(w.width * w.height) > band_pixels for w in windows)
+    for g, w, s, n in zip(geoms, windows, seen, last):
+        alone = ~geometry_mask([g], out_shape=s.shape, transform=window_transform(w, transform))
+        assert n == 1 and s.max() <= 1
+        np.testing.assert_array_equal(s.astype(bool), alone)
