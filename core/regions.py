@@ -273,15 +273,16 @@ class RegionPart:
 
 def region_blocks(geoms: list, windows: list[Window], transform: Affine,
                   band_pixels: int) -> Iterator[tuple[Window, list[RegionPart]]]:
-    """The regions' windows on a grid, read as few blocks of at most ``band_pixels`` as possible: (block, the
-    parts of regions in it) for the caller to read the block once and measure each region on its slice.
+    """The regions' windows on a grid, in blocks of at most ``band_pixels``: (block, the parts of regions in it),
+    for the caller to read each block once and measure each region on its slice.
 
     Reading and rasterizing each region's window alone cost about a millisecond of GDAL calls per region, which
     made the per-region statistics of a run with thousands of small regions cost more than its model. Windows of at
     most ``band_pixels`` are gathered into blocks of nearby windows (:func:`_pack`, at most :data:`BLOCK_PIXELS`
     unless one window is larger) and their regions rasterized in one call (a label image); a region whose pixels may
-    overlap another's gets its own mask, so every region sees exactly the pixels it would alone. A larger window is a block of its own, read in bands of rows of at most ``band_pixels``, so memory
-    stays that of a band however large a region is.
+    overlap another's gets its own mask, so every region sees exactly the pixels it would alone. A larger window is
+    a block of its own, read in bands of rows of at most ``band_pixels``, so memory stays that of a band however
+    large a region is.
     """
     sizes = [int(w.width) * int(w.height) for w in windows]
     boxes = {i: (int(w.row_off), int(w.row_off + w.height), int(w.col_off), int(w.col_off + w.width))
